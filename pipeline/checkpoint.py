@@ -17,6 +17,7 @@ from pipeline.parameters import Parameters
 logger = logging.getLogger(__name__)
 
 KEEP = 2
+"""Checkpoints kept per phase; older ones are removed."""
 _PARAM_NAMES = ("user_bias", "movie_bias", "user_embedding", "movie_embedding")
 
 
@@ -64,7 +65,7 @@ def save(folder: Path, state: TrainingState) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    for old in sorted(folder.glob("checkpoint-*.npz"))[:-KEEP]:
+    for old in sorted(folder.glob(f"checkpoint-{order}-*.npz"))[:-KEEP]:
         old.unlink(missing_ok=True)
     logger.debug("checkpoint %s", final)
     return final

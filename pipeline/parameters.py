@@ -36,7 +36,7 @@ def initial_parameters(
 ) -> Parameters:
     """Zero biases and small normal embeddings (std `init_scale / sqrt(rank)`), seeded."""
     rng = np.random.default_rng([seed, 0x5EED])
-    scale = init_scale / np.sqrt(rank)
+    scale = np.float32(init_scale / np.sqrt(rank))
     return Parameters(
         np.float32(global_mean),
         np.zeros(n_users, np.float32),

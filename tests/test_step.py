@@ -1,0 +1,192 @@
+"""The step math (kernel, reducer, optimiser) against the loop reference, for any sharding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import TrainConfig
+from pipeline.optimizer import Optimizer
+from pipeline.parameters import Parameters, initial_parameters
+from pipeline.reducer import RowSums, merge_partials
+from pipeline.schedule import n_steps, rating_hash, step_of, validation_mask
+from pipeline.shards import Shard, buckets_of_shard, shard_step
+from reference import ReferenceOptimizer, step_sums
+
+
+def make_shards(user_id, movie_id, rating, n_shards, n_users, n_movies):
+    """Shards split by user_id % n_shards, built directly from arrays."""
+    users = np.searchsorted(np.unique(user_id), user_id).astype(np.int32)
+    movies = np.searchsorted(np.unique(movie_id), movie_id).astype(np.int32)
+    shards = []
+    for s in range(n_shards):
+        rows = np.flatnonzero(user_id % n_shards == s)
+        empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
+        shards.append(
+            Shard(
+                s,
+                user_id[rows],
+                movie_id[rows],
+                users[rows],
+                movies[rows],
+                rating[rows],
+                empty_i,
+                empty_i,
+                empty_f,
+                n_users,
+                n_movies,
+            )
+        )
+    return shards, users, movies
+
+
+@st.composite
+def ratings(draw):
+    """Few users and movies, many ratings: heavy index repetition in every batch."""
+    n_users = draw(st.integers(1, 7))
+    n_movies = draw(st.integers(1, 6))
+    pairs = draw(
+        st.lists(
+            st.tuples(st.integers(0, n_users - 1), st.integers(0, n_movies - 1)),
+            min_size=1,
+            max_size=n_users * n_movies,
+            unique=True,
+        )
+    )
+    user_id = np.array([p[0] for p in pairs], np.int32) * 3 + 1
+    movie_id = np.array([p[1] for p in pairs], np.int32) * 5 + 2
+    values = draw(
+        st.lists(
+            st.sampled_from([1.0, 2.0, 3.0, 4.0, 5.0]), min_size=len(pairs), max_size=len(pairs)
+        )
+    )
+    return user_id, movie_id, np.array(values, np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=ratings(),
+    n_shards=st.integers(1, 6),
+    optimizer=st.sampled_from(["adam", "sgd"]),
+    batch_size=st.sampled_from([None, 1, 3, 8]),
+    seed=st.integers(0, 2**31),
+)
+def test_steps_match_reference_for_any_sharding(data, n_shards, optimizer, batch_size, seed):
+    user_id, movie_id, rating = data
+    n_users, n_movies = len(np.unique(user_id)), len(np.unique(movie_id))
+    config = TrainConfig(
+        rank=3,
+        optimizer=optimizer,
+        learning_rate=0.05,
+        batch_size=batch_size,
+        regularization=0.1,
+        bias_regularization=0.05,
+        seed=seed,
+    )
+    start = initial_parameters(n_users, n_movies, 3, float(rating.mean()), seed, 0.5)
+
+    ours, ref = (
+        start.copy(),
+        Parameters(start.global_mean, *(a.astype(np.float64) for a in start[1:])),
+    )
+    shards, users, movies = make_shards(user_id, movie_id, rating, n_shards, n_users, n_movies)
+    opt, ref_opt = Optimizer(ours, config), ReferenceOptimizer(ref, config)
+    steps = n_steps(len(rating), batch_size)
+    for epoch in (1, 2):
+        which = step_of(user_id, movie_id, seed, epoch, steps)
+        for step in range(steps):
+            parts = [
+                shard_step(s, ours, seed, epoch, step, steps, (1.0, 5.0), False) for s in shards
+            ]
+            merged = merge_partials(*parts)
+            sums = step_sums(users, movies, rating, np.flatnonzero(which == step), ref)
+            assert merged.ratings == int((which == step).sum())
+            assert merged.squared_error == pytest.approx(sums[4], rel=1e-4, abs=1e-5)
+            assert dict(zip(merged.users.index.tolist(), merged.users.counts.tolist())) == sums[2]
+            assert dict(zip(merged.movies.index.tolist(), merged.movies.counts.tolist())) == sums[3]
+            opt.apply(ours, merged)
+            ref_opt.apply(ref, sums)
+    for name in ("user_bias", "movie_bias", "user_embedding", "movie_embedding"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(ref, name), rtol=1e-4, atol=1e-5)
+
+
+def test_untouched_rows_do_not_move(rng):
+    user_id = np.array([1, 1, 2], np.int32)
+    movie_id = np.array([10, 11, 10], np.int32)
+    rating = np.array([5, 1, 3], np.float32)
+    params = initial_parameters(3, 3, 4, 3.0, 0, 0.5)  # user 2 and movie 2 have no ratings here
+    before = params.copy()
+    shards, _, _ = make_shards(user_id, movie_id, rating, 1, 3, 3)
+    config = TrainConfig(rank=4)
+    Optimizer(params, config).apply(
+        params, shard_step(shards[0], params, 0, 1, 0, 1, (1, 5), False)
+    )
+    np.testing.assert_array_equal(params.user_embedding[2], before.user_embedding[2])
+    np.testing.assert_array_equal(params.movie_embedding[2], before.movie_embedding[2])
+    assert not np.allclose(params.user_embedding[0], before.user_embedding[0])
+
+
+def test_repeated_index_gets_the_mean_of_its_gradients():
+    """One user rated two movies in one batch: it moves by the average, not the sum."""
+    user_id = np.array([1, 1], np.int32)
+    movie_id = np.array([1, 2], np.int32)
+    rating = np.array([5, 1], np.float32)
+    params = initial_parameters(1, 2, 2, 3.0, 7, 1.0)
+    shards, _, _ = make_shards(user_id, movie_id, rating, 1, 1, 2)
+    merged = shard_step(shards[0], params, 0, 1, 0, 1, (1, 5), False)
+    e = 3.0 + params.movie_embedding @ params.user_embedding[0] - rating
+    expected = (e[:, None] * params.movie_embedding).mean(axis=0)
+    config = TrainConfig(rank=2, optimizer="sgd", learning_rate=0.5, regularization=0.0)
+    before = params.user_embedding[0].copy()
+    Optimizer(params, config).apply(params, merged)
+    np.testing.assert_allclose(params.user_embedding[0], before - 0.5 * expected, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    a=st.sets(st.integers(0, 30), max_size=12),
+    b=st.sets(st.integers(0, 30), max_size=12),
+)
+def test_row_sums_merge_is_an_indexwise_sum(a, b):
+    rng = np.random.default_rng(len(a) * 31 + len(b))
+    dense = np.zeros((31, 2))
+    dense_counts = np.zeros(31, int)
+
+    def part(rows):
+        index = np.array(sorted(rows), np.int32)
+        sums = rng.standard_normal((len(index), 2)).astype(np.float32)
+        counts = rng.integers(1, 5, len(index)).astype(np.int32)
+        dense[index] += sums
+        dense_counts[index] += counts
+        return RowSums(index, sums, sums[:, 0].copy(), counts)
+
+    merged = part(a).merge(part(b))
+    assert merged.index.tolist() == sorted(a | b)
+    np.testing.assert_allclose(merged.sums, dense[merged.index], rtol=1e-6)
+    np.testing.assert_array_equal(merged.counts, dense_counts[merged.index])
+
+
+def test_schedule_uses_every_rating_once_per_epoch_whatever_the_order(rng):
+    user_id = rng.integers(1, 500, 5000).astype(np.int32)
+    movie_id = rng.integers(1, 900, 5000).astype(np.int32)
+    steps = 7
+    which = step_of(user_id, movie_id, 3, 1, steps)
+    perm = rng.permutation(5000)
+    np.testing.assert_array_equal(step_of(user_id[perm], movie_id[perm], 3, 1, steps), which[perm])
+    assert set(np.unique(which)) == set(range(steps))
+    assert np.bincount(which).min() > 5000 / steps * 0.8
+    assert not np.array_equal(which, step_of(user_id, movie_id, 3, 2, steps))  # reshuffled
+    held = validation_mask(user_id, movie_id, 3, 0.1)
+    assert 0.08 < held.mean() < 0.12
+    assert rating_hash(user_id, movie_id, 1, 0).dtype == np.uint64
+
+
+@pytest.mark.parametrize(("n_shards", "n_buckets"), [(1, 16), (4, 16), (16, 16), (32, 16), (6, 16)])
+def test_shards_read_only_the_buckets_that_can_hold_their_users(n_shards, n_buckets):
+    users = np.arange(1, 2000)
+    for shard in range(n_shards):
+        needed = set((users[users % n_shards == shard] % n_buckets).tolist())
+        assert needed <= set(buckets_of_shard(shard, n_shards, n_buckets))
+        assert len(buckets_of_shard(shard, n_shards, n_buckets)) == len(needed)
