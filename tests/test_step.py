@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import ReferenceOptimizer, step_sums
 
 from pipeline.config import TrainConfig
 from pipeline.optimizer import Optimizer
@@ -13,7 +14,6 @@ from pipeline.parameters import Parameters, initial_parameters
 from pipeline.reducer import RowSums, merge_partials
 from pipeline.schedule import n_steps, rating_hash, step_of, validation_mask
 from pipeline.shards import Shard, buckets_of_shard, shard_step
-from reference import ReferenceOptimizer, step_sums
 
 
 def make_shards(user_id, movie_id, rating, n_shards, n_users, n_movies):
@@ -104,8 +104,14 @@ def test_steps_match_reference_for_any_sharding(data, n_shards, optimizer, batch
             sums = step_sums(users, movies, rating, np.flatnonzero(which == step), ref)
             assert merged.ratings == int((which == step).sum())
             assert merged.squared_error == pytest.approx(sums[4], rel=1e-4, abs=1e-5)
-            assert dict(zip(merged.users.index.tolist(), merged.users.counts.tolist())) == sums[2]
-            assert dict(zip(merged.movies.index.tolist(), merged.movies.counts.tolist())) == sums[3]
+            assert (
+                dict(zip(merged.users.index.tolist(), merged.users.counts.tolist(), strict=True))
+                == sums[2]
+            )
+            assert (
+                dict(zip(merged.movies.index.tolist(), merged.movies.counts.tolist(), strict=True))
+                == sums[3]
+            )
             opt.apply(ours, merged)
             ref_opt.apply(ref, sums)
     for name in ("user_bias", "movie_bias", "user_embedding", "movie_embedding"):
