@@ -251,17 +251,22 @@ def _sample_sparse(
         movie = np.searchsorted(cumulative, rng.random(len(owner)), side="right")
         movie = np.minimum(movie, n_movies - 1)
         key = owner * n_movies + movie
-        _, first = np.unique(key, return_index=True)
-        first.sort()  # back to draw order, grouped by owner
+        # First occurrence of each (owner, movie) in draw order. Sorting, not hashing: numpy's
+        # hash-based unique is very slow on these strided keys.
+        order = np.argsort(key, kind="stable")
+        ordered = key[order]
+        first = np.sort(order[np.r_[True, ordered[1:] != ordered[:-1]]])
         key, owner, movie = key[first], owner[first], movie[first]
-        fresh = ~np.isin(key, taken_keys, assume_unique=True)
-        key, owner, movie = key[fresh], owner[fresh], movie[fresh]
+        if len(taken_keys):
+            at = np.minimum(np.searchsorted(taken_keys, key), len(taken_keys) - 1)
+            fresh = taken_keys[at] != key
+            key, owner, movie = key[fresh], owner[fresh], movie[fresh]
         group_start = np.searchsorted(owner, owner, side="left")
         keep = (np.arange(len(owner)) - group_start) < need[owner]
         key, owner, movie = key[keep], owner[keep], movie[keep]
         taken_owner.append(owner)
         taken_movie.append(movie)
-        taken_keys = np.union1d(taken_keys, key)
+        taken_keys = np.sort(np.concatenate((taken_keys, key)))
         need -= np.bincount(owner, minlength=len(counts))
         oversample *= 1.5
     return np.concatenate(taken_owner), np.concatenate(taken_movie)
