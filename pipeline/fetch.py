@@ -162,6 +162,13 @@ def extract(archive: Path, dest: Path, label: str | None = None) -> int:
     try:
         with zipfile.ZipFile(archive) as zipped:
             infos = zipped.infolist()
+            needed = sum(info.file_size for info in infos)
+            free = shutil.disk_usage(root).free
+            if needed > free:
+                raise PipelineError(
+                    f"{label}: extracting needs {needed:,} bytes but {dest.parent} has "
+                    f"{free:,} bytes free"
+                )
             for info, relative in zip(infos, _relative_names(label, infos), strict=True):
                 if not relative.parts:
                     continue

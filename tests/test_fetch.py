@@ -6,6 +6,8 @@ import hashlib
 import http.server
 import io
 import logging
+import os
+import shutil
 import socket
 import stat
 import threading
@@ -93,6 +95,14 @@ def _fails_cleanly(capsys: pytest.CaptureFixture[str], work: Path, argv: list[st
     return err
 
 
+def _fails_cleanly_keep(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the CLI expecting exit 2 and one stderr line; `work` may keep what it had."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    return err
+
+
 def test_good_path(
     server: tuple[str, Path],
     work: Path,
@@ -135,13 +145,6 @@ def test_base_url_from_environment_and_overwrite(
     assert main(["fetch", "ml-1m", "--to", str(dest), "--overwrite"]) == 0
     assert [p.name for p in dest.iterdir()] == ["ratings.dat"]
     assert [p.name for p in work.iterdir()] == ["data"]
-
-
-def _fails_cleanly_keep(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err
-    return err
 
 
 def test_checksum_mismatch(
@@ -288,3 +291,34 @@ def test_extract_streams_large_member_in_blocks(tmp_path: Path) -> None:
     assert fetch.extract(archive, dest) == 2
     assert (dest / "big.bin").read_bytes() == payload
     assert (dest / "sub" / "small.txt").read_text() == "s"
+
+
+def test_large_download_logs_progress_and_verifies(
+    server: tuple[str, Path], work: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base, served = server
+    payload = os.urandom(5 * fetch.BLOCK)  # incompressible: the archive is over 5 MiB
+    _publish(served, "ml-25m", _zip({"ml-25m/blob.bin": payload}, None, zipfile.ZIP_STORED))
+    dest = work / "ml-25m"
+    with caplog.at_level(logging.INFO, logger="pipeline.fetch"):
+        fetch.fetch("ml-25m", dest, base_url=base)
+    assert (dest / "blob.bin").read_bytes() == payload
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().endswith("%)")]
+    assert len(progress) >= 4
+    assert progress[-1].endswith("(100%)")
+
+
+def test_refuses_archive_larger_than_free_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(_zip({"top/ratings.csv": "x" * 10_000}))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda _: usage._replace(free=5_000))
+    with pytest.raises(
+        fetch.PipelineError, match=r"extracting needs 10,000 bytes but .* has 5,000 bytes free"
+    ):
+        fetch.extract(archive, dest)
+    assert list(dest.iterdir()) == []
