@@ -114,8 +114,12 @@ class Planted:
     popularity: np.ndarray  # (n_movies,) float64, sums to 1
 
 
-def check_arguments(n_users: int, n_movies: int, n_ratings: int, rank: int, noise: float) -> None:
+def check_arguments(
+    n_users: int, n_movies: int, n_ratings: int, rank: int, noise: float, seed: int = 0
+) -> None:
     """Raise `PipelineError` naming the first impossible argument."""
+    if seed < 0:
+        raise PipelineError(f"--seed must be >= 0, got {seed}")
     if n_users < 1:
         raise PipelineError(f"--users must be at least 1, got {n_users}")
     if n_movies < MIN_RATINGS_PER_USER:
@@ -352,7 +356,7 @@ def generate(
     Returns a summary: ``n_users``, ``n_movies``, ``n_ratings``, ``n_movies_rated``,
     ``rating_mean``, ``rating_std``, ``rmse_floor``, ``rmse_bias_only``, ``seconds``.
     """
-    check_arguments(n_users, n_movies, n_ratings, rank, noise)
+    check_arguments(n_users, n_movies, n_ratings, rank, noise, seed)
     out = Path(out)
     check_destination(out, overwrite)
     began = time.perf_counter()

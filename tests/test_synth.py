@@ -272,6 +272,7 @@ def test_sample_movies_mixes_both_paths() -> None:
         (["--users", "2", "--movies", "50", "--ratings", "40", "--rank", "0"], "--rank"),
         (["--users", "2", "--movies", "50", "--ratings", "40", "--noise", "-1"], "--noise"),
         (["--users", "2", "--movies", "50", "--ratings", "40", "--noise", "nan"], "--noise"),
+        (["--users", "2", "--movies", "50", "--ratings", "40", "--seed", "-1"], "--seed"),
     ],
 )
 def test_bad_arguments_one_line(
