@@ -54,7 +54,9 @@ def connect(
             dashboard_address=":0",
         )
     client = Client(cluster)
-    logger.info("started a LocalCluster of %d workers; dashboard %s", n_workers, client.dashboard_link)
+    logger.info(
+        "started a LocalCluster of %d workers; dashboard %s", n_workers, client.dashboard_link
+    )
     try:
         yield client
     finally:
@@ -68,5 +70,7 @@ def _connect_remote(address: str) -> Client:
     except (OSError, TimeoutError, ValueError) as exc:
         raise PipelineError(f"cannot connect to the Dask scheduler at {address}: {exc}") from None
     n_workers = len(client.scheduler_info().get("workers", {}))
-    logger.info("connected to %s (%d workers); dashboard %s", address, n_workers, client.dashboard_link)
+    logger.info(
+        "connected to %s (%d workers); dashboard %s", address, n_workers, client.dashboard_link
+    )
     return client
