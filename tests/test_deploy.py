@@ -219,8 +219,15 @@ def test_dockerfile() -> None:
     copies = [argument.split() for name, argument in instructions if name == "COPY"]
     sources = [part for parts in copies for part in parts[:-1] if not part.startswith("--")]
     assert "jobs" in sources
+    ignore = [
+        line
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert ignore[0] == "*", "the build context is an allowlist"
     for source in sources:
         assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+        assert f"!{source}" in ignore or f"!{source}/" in ignore, f"COPY {source}: ignored"
     exposed = " ".join(argument for name, argument in instructions if name == "EXPOSE").split()
     assert {"8786", "8787"} <= set(exposed)
     assert "ENTRYPOINT" not in names  # compose and Kubernetes set each role's command
