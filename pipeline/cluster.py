@@ -14,7 +14,7 @@ from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = "10s"
+CONNECT_TIMEOUT = "5s"
 
 
 def scheduler_address(scheduler: str | None) -> str | None:
