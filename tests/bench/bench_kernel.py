@@ -81,10 +81,10 @@ def main() -> None:
 
     users, movies, ratings, params = workload(args.ratings, args.users, args.movies, args.rank)
     ours(users[:1000], movies[:1000], ratings[:1000], params)  # compile outside the timing
-    t_ours, (sums, _) = best_of(ours, args.repeats, users, movies, ratings, params)
+    t_ours, _ = best_of(ours, args.repeats, users, movies, ratings, params)
 
     n = args.baseline_ratings
-    t_base, (us, ms, sse, _) = best_of(baseline, 1, users[:n], movies[:n], ratings[:n], params)
+    t_base, (us, ms, _, _) = best_of(baseline, 1, users[:n], movies[:n], ratings[:n], params)
     check, _ = ours(users[:n], movies[:n], ratings[:n], params)
     assert np.allclose(check.user_sums, us, rtol=1e-3, atol=1e-4)
     assert np.allclose(check.movie_sums, ms, rtol=1e-3, atol=1e-3)
