@@ -169,8 +169,11 @@ def _run(
             *unpacked.get("genres", []),
             key=f"ingest-movies-{run}",
         )
+    began = time.perf_counter()
     summaries: list[BlockSummary] = client.gather(block_futures)
+    logger.debug("parsed %d blocks in %.2f s", len(summaries), time.perf_counter() - began)
     n_bytes, sha256, lines_read = prepared["ratings"].result()
+    logger.debug("checksum done after %.2f s", time.perf_counter() - began)
     ratings_counts = _check_ratings_accounting(
         ratings.name, summaries, lines_read, max_reject_fraction
     )
@@ -195,8 +198,10 @@ def _run(
     if sources.movies is not None:
         pieces.append((rejects_piece_path(scratch, "movies"), sources.movies.name, 0))
     rejects_future = client.submit(collect_rejects, pieces, staging, key=f"ingest-rejects-{run}")
+    began = time.perf_counter()
     buckets: list[BucketSummary] = client.gather(bucket_futures)
     rejects_future.result()
+    logger.debug("wrote %d buckets in %.2f s", n_buckets, time.perf_counter() - began)
 
     duplicates = sum(b.duplicates_dropped for b in buckets)
     total = sum(b.rows for b in buckets)

@@ -128,9 +128,14 @@ def parse_block(
                     f"{name} line 1: expected the header {layout.header!r}, found {header[:80]!r}"
                 )
             header_lines = 1
-    n_lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+    # Without carriage returns Arrow makes exactly one row per line (it reports any other
+    # line, blank or not, as an error), so the newline count is only needed with them.
+    counted = b"\r" in data or force_careful
+    n_lines = _count_lines(data) if counted else None
     columns: dict[str, np.ndarray]
     table = None if force_careful else _parse_fast(data, layout, n_lines)
+    if n_lines is None:
+        n_lines = table.num_rows if table is not None else _count_lines(data)
     if table is not None:
         columns = {key: table.column(key).to_numpy() for key in RATINGS_FIELDS}
         lines_of_rows = None
@@ -165,17 +170,22 @@ def parse_block(
     return parsed
 
 
+def _count_lines(data: bytes) -> int:
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
 def _empty_columns() -> dict[str, np.ndarray]:
     return {key: np.empty(0, dtype=typ.to_pandas_dtype()) for key, typ in FIELD_TYPES.items()}
 
 
-def _parse_fast(data: bytes, layout: Layout, n_lines: int) -> pa.Table | None:
+def _parse_fast(data: bytes, layout: Layout, n_lines: int | None) -> pa.Table | None:
     """All lines parsed by Arrow with strict types, or None when any line needs a closer look.
 
     Arrow reads hexadecimal integers ("0x1F") and treats a lone carriage return as a line
-    break; blocks with an "x" or with a row count other than the line count go the careful way.
+    break; blocks with an "x" or with a row count other than `n_lines` (when given) go the
+    careful way.
     """
-    if n_lines == 0:
+    if not data:
         return pa.table({key: pa.array([], typ) for key, typ in FIELD_TYPES.items()})
     if b"x" in data or b"X" in data:
         return None
@@ -188,7 +198,7 @@ def _parse_fast(data: bytes, layout: Layout, n_lines: int) -> pa.Table | None:
     try:
         table = pcsv.read_csv(
             pa.py_buffer(data),
-            read_options=pcsv.ReadOptions(column_names=list(RATINGS_FIELDS), use_threads=True),
+            read_options=pcsv.ReadOptions(column_names=list(RATINGS_FIELDS), use_threads=False),
             parse_options=pcsv.ParseOptions(
                 delimiter=delimiter,
                 quote_char=False,
@@ -205,7 +215,7 @@ def _parse_fast(data: bytes, layout: Layout, n_lines: int) -> pa.Table | None:
         )
     except pa.ArrowInvalid:
         return None
-    if table.num_rows != n_lines:
+    if n_lines is not None and table.num_rows != n_lines:
         return None
     return table.combine_chunks()
 
