@@ -179,3 +179,41 @@ def test_bad_top_k(tmp_path, rng, dask_client):
     model = make_model(rng, np.arange(1, 3), np.arange(1, 3), rank=2)
     with pytest.raises(PipelineError, match="top_k must be between 1 and 32767, got 0"):
         recommend(model, dask_client, tmp_path / "rec", top_k=0)
+
+
+def test_recommend_command(tmp_path, rng, dask_client, capsys):
+    from pipeline.cli import main
+
+    user_ids = np.arange(1, 51)
+    model = make_model(rng, user_ids, np.arange(1, 31), rank=3)
+    model.save(tmp_path / "model")
+    ratings = make_ratings(rng, model, 0.3)
+    write_dataset(ratings, tmp_path / "train", n_buckets=2, rating_scale=(0.5, 5.0, 0.5))
+    args = [
+        "recommend",
+        str(tmp_path / "model"),
+        str(tmp_path / "train"),
+        "--out",
+        str(tmp_path / "rec"),
+        "--top-k",
+        "4",
+        "--scheduler",
+        dask_client.scheduler.address,
+    ]
+    assert main(args) == 0
+    assert capsys.readouterr().out == f"200 recommendations for 50 users in {tmp_path / 'rec'}\n"
+    got = read_all(tmp_path / "rec")
+    want = reference(Model.load(tmp_path / "model"), ratings, 4)
+    assert got[["user_id", "rank", "movie_id"]].values.tolist() == (
+        want[["user_id", "rank", "movie_id"]].values.tolist()
+    )
+    assert not list(tmp_path.glob(".rec*"))  # the staging folder is gone
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"mfpipe recommend: error: {tmp_path / 'rec'} already exists; "
+        "pass --overwrite to replace it\n"
+    )
+    assert main([*args[:-2], "--top-k", "0"]) == 2
+    assert "--top-k must be between 1 and 32767, got 0" in capsys.readouterr().err

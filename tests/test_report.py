@@ -112,3 +112,20 @@ def test_without_validation_or_epochs(tmp_path):
     write_report(tmp_path / "e", title="t", history=[], metrics={}, counts={}, timings={})
     assert "No epochs were run." in (tmp_path / "e" / REPORT_FILE).read_text()
     assert not (tmp_path / "e" / CURVE_FILE).exists()
+
+
+def test_trainer_phases_get_their_own_rows_and_lines(tmp_path):
+    search = [dict(h, phase="search") for h in history(6)]
+    refit = [dict(h, phase="refit", validation_rmse=None) for h in history(4)]
+    write_report(tmp_path, title="t", history=search + refit, metrics={}, counts={}, timings={})
+    text = (tmp_path / REPORT_FILE).read_text()
+    header = "| phase | epoch | train RMSE | validation RMSE | seconds | ratings/s |"
+    rows = table_rows(text, header)
+    assert [(r[0], r[1]) for r in rows] == [("search", str(e)) for e in range(1, 7)] + [
+        ("refit", str(e)) for e in range(1, 5)
+    ]
+    assert "- search: 6 epochs, final train RMSE 0.2500" in text
+    assert "- refit: 4 epochs, final train RMSE 0.3750" in text
+    assert "- best validation RMSE 0.3267 at epoch 6" in text
+    assert "- training time 2.5 s" in text
+    assert matplotlib.image.imread(tmp_path / CURVE_FILE).shape[:2] == (400, 640)

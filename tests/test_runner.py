@@ -259,3 +259,33 @@ def test_killed_run_resumes_and_matches_an_undisturbed_run(tmp_path, dask_client
     assert again.returncode == 0, again.stderr
     assert "already published with the same inputs" in again.stderr
     assert snapshot(tmp_path / "out" / "run_id=k") == before
+
+
+def test_predefined_split_run(tmp_path, rng, dask_client):
+    folder = tmp_path / "ml-100k"
+    folder.mkdir()
+    for name, n in (("u1.base", 20), ("u1.test", 3)):
+        lines = [
+            f"{user}\t{movie}\t{rng.integers(1, 6)}\t{880000000 + movie}"
+            for user in range(1, 41)
+            for movie in rng.choice(np.arange(1, 61), n, replace=False)
+        ]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    path = tmp_path / "jobs" / "job.toml"
+    path.parent.mkdir()
+    path.write_text(
+        '[split]\nmethod = "predefined"\ntrain = "../ml-100k/u1.base"\n'
+        'test = "../ml-100k/u1.test"\n[ingest]\nn_buckets = 2\n'
+        "[train]\nrank = 2\nepochs = 3\n[export]\ntop_k = 2\n[output]\nroot = '../out'\n"
+    )
+    outcome = run_job(load_job(path), run_id="p", client=dask_client)
+    split = json.loads((outcome.path / "split.json").read_text())
+    assert split["method"] == "predefined"
+    assert (split["train_ratings"], split["test_ratings"]) == (800, 120)
+    assert outcome.manifest["metrics"]["ratings"] == 120
+    assert set(outcome.manifest["inputs"]["files"]) == {"train", "test"}
+
+    # touching an input file changes the inputs: the published run is no longer a match
+    os.utime(folder / "u1.test", ns=(1, 1))
+    with pytest.raises(PipelineError, match="was published from other inputs"):
+        run_job(load_job(path), run_id="p", client=dask_client)
