@@ -8,16 +8,20 @@ optimiser state.
 - `adam`: Adam on the averaged gradients, updating only the touched rows' moments ("lazy"
   Adam); the bias correction uses the global step count. With the whole training set as one
   batch every row is touched at each step and this is plain Adam.
+
+The update of a row is one compiled pass over its values (gradient, moments, parameter), so
+the client spends little time between steps.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.parameters import Parameters
-from pipeline.reducer import Partial, RowSums
+from pipeline.reducer import Partial
 
 BETA1 = 0.9
 BETA2 = 0.999
@@ -27,16 +31,31 @@ EPSILON = 1e-8
 _SLOTS = ("user_bias", "movie_bias", "user_embedding", "movie_embedding")
 
 
-def averaged_gradients(
-    rows: RowSums, embedding: np.ndarray, bias: np.ndarray, config: TrainConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """((t, rank), (t,)) float32 averaged gradients of the touched rows, L2 terms included."""
-    counts = rows.counts.astype(np.float32)
-    grad = rows.sums / counts[:, None]
-    grad += config.regularization * embedding[rows.index]
-    bias_grad = rows.bias_sums / counts
-    bias_grad += config.bias_regularization * bias[rows.index]
-    return grad, bias_grad
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _sgd_rows(array, index, sums, counts, reg, lr):
+    for r in range(index.shape[0]):
+        i = index[r]
+        inv = np.float32(1.0) / counts[r]
+        for j in range(array.shape[1]):
+            array[i, j] -= lr * (sums[r, j] * inv + reg * array[i, j])
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _adam_rows(array, m, v, index, sums, counts, reg, lr_t, v_correction):
+    b1, b2 = np.float32(BETA1), np.float32(BETA2)
+    for r in range(index.shape[0]):
+        i = index[r]
+        inv = np.float32(1.0) / counts[r]
+        for j in range(array.shape[1]):
+            g = sums[r, j] * inv + reg * array[i, j]
+            m[i, j] = b1 * m[i, j] + (1 - b1) * g
+            v[i, j] = b2 * v[i, j] + (1 - b2) * g * g
+            array[i, j] -= lr_t * m[i, j] / (np.sqrt(v[i, j] * v_correction) + EPSILON)
+
+
+def _as_rows(array: np.ndarray) -> np.ndarray:
+    """A (n, k) view of a (n,) or (n, k) array."""
+    return array.reshape(len(array), -1)
 
 
 class Optimizer:
@@ -57,8 +76,7 @@ class Optimizer:
     def apply(self, params: Parameters, merged: Partial) -> None:
         """Move every touched row of `params` by its averaged gradient."""
         self.step_count += 1
-        lr = self.config.learning_rate
-        bias_lr = self.config.effective_bias_learning_rate
+        c = self.config
         sides = (
             (merged.users, "user_embedding", "user_bias"),
             (merged.movies, "movie_embedding", "movie_bias"),
@@ -66,35 +84,47 @@ class Optimizer:
         for rows, emb_slot, bias_slot in sides:
             if len(rows.index) == 0:
                 continue
-            embedding, bias = getattr(params, emb_slot), getattr(params, bias_slot)
-            grad, bias_grad = averaged_gradients(rows, embedding, bias, self.config)
-            self._update(embedding, emb_slot, rows.index, grad, lr)
-            self._update(bias, bias_slot, rows.index, bias_grad, bias_lr)
+            counts = rows.counts.astype(np.float32)
+            self._update(
+                emb_slot, params, rows.index, rows.sums, counts, c.regularization, c.learning_rate
+            )
+            self._update(
+                bias_slot,
+                params,
+                rows.index,
+                rows.bias_sums,
+                counts,
+                c.bias_regularization,
+                c.effective_bias_learning_rate,
+            )
 
     def _update(
-        self, array: np.ndarray, slot: str, index: np.ndarray, grad: np.ndarray, lr: float
+        self,
+        slot: str,
+        params: Parameters,
+        index: np.ndarray,
+        sums: np.ndarray,
+        counts: np.ndarray,
+        reg: float,
+        lr: float,
     ) -> None:
-        full = len(index) == len(array)
+        array = _as_rows(getattr(params, slot))
+        sums = _as_rows(np.ascontiguousarray(sums, np.float32))
         if self.config.optimizer == "sgd":
-            if full:
-                array -= lr * grad
-            else:
-                array[index] -= lr * grad
+            _sgd_rows(array, index, sums, counts, np.float32(reg), np.float32(lr))
             return
-        m, v = self.moments[f"m_{slot}"], self.moments[f"v_{slot}"]
-        m_rows = m if full else m[index]
-        v_rows = v if full else v[index]
-        m_rows *= BETA1
-        m_rows += (1 - BETA1) * grad
-        v_rows *= BETA2
-        v_rows += (1 - BETA2) * grad * grad
         t = self.step_count
-        step = (lr / (1 - BETA1**t)) * m_rows / (np.sqrt(v_rows / (1 - BETA2**t)) + EPSILON)
-        if full:
-            array -= step
-        else:
-            m[index], v[index] = m_rows, v_rows
-            array[index] -= step
+        _adam_rows(
+            array,
+            _as_rows(self.moments[f"m_{slot}"]),
+            _as_rows(self.moments[f"v_{slot}"]),
+            index,
+            sums,
+            counts,
+            np.float32(reg),
+            np.float32(lr / (1 - BETA1**t)),
+            np.float32(1 / (1 - BETA2**t)),
+        )
 
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to checkpoint (moments and the step count)."""
