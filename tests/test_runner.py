@@ -21,7 +21,7 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.jobs import load_job
 from pipeline.model import Model
-from pipeline.runner import run_job
+from pipeline.runner import default_run_id, run_job
 
 SMALL_JOB = """
 name = "small"
@@ -289,3 +289,11 @@ def test_predefined_split_run(tmp_path, rng, dask_client):
     os.utime(folder / "u1.test", ns=(1, 1))
     with pytest.raises(PipelineError, match="was published from other inputs"):
         run_job(load_job(path), run_id="p", client=dask_client)
+
+
+def test_default_run_id_is_the_utc_date():
+    before = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    got = default_run_id()
+    after = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    assert got in (before, after)
+    assert len(got) == 10 and got[4] == got[7] == "-"
