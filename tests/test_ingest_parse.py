@@ -103,9 +103,12 @@ def test_wrong_csv_header_is_one_line_error():
     assert "\n" not in str(info.value)
 
 
-def test_fast_path_is_taken_for_clean_blocks_only():
-    assert parse(GOOD_100K).fast
-    assert not parse([*GOOD_100K, "1\t2\tx\t4"]).fast
+def test_only_unusual_lines_leave_the_strict_scan():
+    assert parse(GOOD_100K).strict_lines == 3
+    parsed = parse([*GOOD_100K, "1\t2\tx\t4", " 5\t6\t1\t2", "7\t8\t2.0\t3\r"])
+    assert parsed.strict_lines == 4
+    assert parsed.user_id.tolist() == [1, 2, 3, 5, 7]
+    assert parsed.reject_lines == [4]
 
 
 def test_read_block_splits_at_line_boundaries(tmp_path, rng):

@@ -256,8 +256,8 @@ def _run(
         "counts": {"ratings_files": [ratings_counts], "movies_files": movies_counts},
     }
     write_manifest(staging, manifest)
-    fast = sum(s.fast for s in summaries)
-    logger.debug("%d of %d blocks took the fast path", fast, len(summaries))
+    strict = sum(s.strict_lines for s in summaries)
+    logger.debug("%s of %s lines read by the strict scan", f"{strict:,}", f"{lines_read:,}")
     return manifest
 
 

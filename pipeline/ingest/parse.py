@@ -1,10 +1,11 @@
 """Reading ratings files in byte blocks and parsing them into validated columns.
 
 A block is the run of lines whose first byte lies in ``[start, end)``, so blocks split a file
-at line boundaries without coordination. Each block is parsed by Arrow's CSV reader with
-strict types (the fast path); a block that Arrow refuses, or that holds bytes the fast path
-cannot judge, goes through the careful path, which classifies every line with vectorised
-string kernels. Both paths accept exactly the same lines, then the same value checks apply.
+at line boundaries without coordination. A compiled scan (:mod:`pipeline.ingest.scan`) reads
+the lines in the strict common shape; the few other lines go through the careful path, which
+classifies them with vectorised Arrow string kernels and either accepts them (e.g. padded
+fields) or rejects them with a reason. Both paths give the same values for the lines they
+both accept; the same range checks then apply to every row.
 """
 
 from __future__ import annotations
@@ -17,17 +18,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
 
 from pipeline.errors import PipelineError
 from pipeline.ingest.layouts import RATINGS_FIELDS, Layout
+from pipeline.ingest.scan import count_lines, scan_strict
 
 logger = logging.getLogger(__name__)
 
 BOM = b"\xef\xbb\xbf"
 READ_AHEAD = 1 << 20
-# Separator standing in for "::" so that Arrow's single-byte CSV reader can split .dat lines.
-DAT_SEPARATOR = b"\x1f"
 
 INT_PATTERN = r"^-?[0-9]+$"
 FLOAT_PATTERN = r"(?i)^[+-]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)(e[+-]?[0-9]+)?|nan|inf|infinity)$"
@@ -60,7 +59,7 @@ class ParsedBlock:
     reject_lines: list[int] = field(default_factory=list)
     reject_text: list[str] = field(default_factory=list)
     reject_reason: list[str] = field(default_factory=list)
-    fast: bool = True
+    strict_lines: int = 0
 
     @property
     def accepted(self) -> int:
@@ -115,7 +114,8 @@ def parse_block(
 
     With `first`, a UTF-8 byte-order mark is stripped and the header line (if the layout has
     one) is checked and counted. A wrong header raises PipelineError naming `name`.
-    `force_careful` skips the fast path (tests use it to check both paths agree).
+    `force_careful` sends every line through the careful path (tests use it to check that
+    both paths agree).
     """
     header_lines = 0
     if first:
@@ -128,35 +128,62 @@ def parse_block(
                     f"{name} line 1: expected the header {layout.header!r}, found {header[:80]!r}"
                 )
             header_lines = 1
-    # Without carriage returns Arrow makes exactly one row per line (it reports any other
-    # line, blank or not, as an error), so the newline count is only needed with them.
-    counted = b"\r" in data or force_careful
-    n_lines = _count_lines(data) if counted else None
-    columns: dict[str, np.ndarray]
-    table = None if force_careful else _parse_fast(data, layout, n_lines)
-    if n_lines is None:
-        n_lines = table.num_rows if table is not None else _count_lines(data)
-    if table is not None:
-        columns = {key: table.column(key).to_numpy() for key in RATINGS_FIELDS}
-        lines_of_rows = None
-        rejects: dict[int, str] = {}
+    arr = np.frombuffer(data, dtype=np.uint8)
+    n_lines = count_lines(arr)
+    columns = {key: np.empty(n_lines, typ.to_pandas_dtype()) for key, typ in FIELD_TYPES.items()}
+    ok = np.zeros(n_lines, dtype=bool)
+    if force_careful:
+        other_start, other_end = line_bounds(data)
+        n_other = n_lines
     else:
-        columns, lines_of_rows, rejects = _parse_careful(data, layout)
+        # Only the first n_other entries are written, so untouched pages cost no memory.
+        other_start = np.empty(n_lines, dtype=np.int64)
+        other_end = np.empty(n_lines, dtype=np.int64)
+        separator = layout.separator.encode()
+        n_other = scan_strict(
+            arr,
+            separator[0],
+            len(separator),
+            columns["user_id"],
+            columns["movie_id"],
+            columns["rating"],
+            columns["timestamp"],
+            ok,
+            other_start,
+            other_end,
+        )
+    rejects: dict[int, str] = {}
+    if n_other:
+        other_lines = np.flatnonzero(~ok)
+        lines = lines_array(arr, other_start[:n_other], other_end[:n_other])
+        values, rows, reasons = _parse_careful(lines, layout)
+        accepted_lines = other_lines[rows]
+        for key, column in columns.items():
+            column[accepted_lines] = values[key]
+        ok[accepted_lines] = True
+        rejects = {int(other_lines[row]): reason for row, reason in reasons.items()}
+    if len(rejects) == n_lines:
+        line_of_row = np.empty(0, dtype=np.int64)
+        columns = {key: column[:0] for key, column in columns.items()}
+    elif rejects:
+        line_of_row = np.flatnonzero(ok)
+        columns = {key: column[ok] for key, column in columns.items()}
+    else:
+        line_of_row = None
     bad, value_reasons = check_values(columns, layout)
     if bad.any():
         bad_rows = np.flatnonzero(bad)
-        bad_lines = bad_rows if lines_of_rows is None else lines_of_rows[bad_rows]
+        bad_lines = bad_rows if line_of_row is None else line_of_row[bad_rows]
         rejects.update(zip(bad_lines.tolist(), value_reasons, strict=True))
-        keep = ~bad
-        columns = {key: values[keep] for key, values in columns.items()}
+        columns = {key: column[~bad] for key, column in columns.items()}
     parsed = ParsedBlock(
-        user_id=columns["user_id"].astype(np.int32, copy=False),
-        movie_id=columns["movie_id"].astype(np.int32, copy=False),
+        user_id=columns["user_id"],
+        movie_id=columns["movie_id"],
         rating=columns["rating"].astype(np.float32),
-        timestamp=columns["timestamp"].astype(np.int64, copy=False),
+        timestamp=columns["timestamp"],
         lines=header_lines + n_lines,
         header_lines=header_lines,
-        fast=table is not None,
+        strict_lines=n_lines - n_other,
     )
     if rejects:
         starts, ends = line_bounds(data)
@@ -168,56 +195,6 @@ def parse_block(
     if parsed.lines != parsed.header_lines + parsed.accepted + parsed.rejected:
         raise PipelineError(f"{name}: internal error, a block lost lines in parsing")
     return parsed
-
-
-def _count_lines(data: bytes) -> int:
-    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-
-
-def _empty_columns() -> dict[str, np.ndarray]:
-    return {key: np.empty(0, dtype=typ.to_pandas_dtype()) for key, typ in FIELD_TYPES.items()}
-
-
-def _parse_fast(data: bytes, layout: Layout, n_lines: int | None) -> pa.Table | None:
-    """All lines parsed by Arrow with strict types, or None when any line needs a closer look.
-
-    Arrow reads hexadecimal integers ("0x1F") and treats a lone carriage return as a line
-    break; blocks with an "x" or with a row count other than `n_lines` (when given) go the
-    careful way.
-    """
-    if not data:
-        return pa.table({key: pa.array([], typ) for key, typ in FIELD_TYPES.items()})
-    if b"x" in data or b"X" in data:
-        return None
-    delimiter = layout.separator
-    if delimiter == "::":
-        if DAT_SEPARATOR in data:
-            return None
-        data = data.replace(b"::", DAT_SEPARATOR)
-        delimiter = DAT_SEPARATOR.decode()
-    try:
-        table = pcsv.read_csv(
-            pa.py_buffer(data),
-            read_options=pcsv.ReadOptions(column_names=list(RATINGS_FIELDS), use_threads=False),
-            parse_options=pcsv.ParseOptions(
-                delimiter=delimiter,
-                quote_char=False,
-                escape_char=False,
-                newlines_in_values=False,
-                ignore_empty_lines=False,
-            ),
-            convert_options=pcsv.ConvertOptions(
-                column_types=FIELD_TYPES,
-                null_values=[],
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )
-    except pa.ArrowInvalid:
-        return None
-    if n_lines is not None and table.num_rows != n_lines:
-        return None
-    return table.combine_chunks()
 
 
 def line_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -239,30 +216,57 @@ def line_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
-def _parse_careful(
-    data: bytes, layout: Layout
-) -> tuple[dict[str, np.ndarray], np.ndarray, dict[int, str]]:
-    """Classify every line with vectorised kernels.
+def lines_array(arr: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.BinaryArray:
+    """The byte ranges ``arr[starts[k]:ends[k]]`` (ascending, disjoint) as one binary array."""
+    marks = np.zeros(len(arr) + 1, dtype=np.int8)
+    marks[starts] += 1
+    marks[ends] -= 1
+    keep = np.cumsum(marks[:-1], dtype=np.int8).view(bool)
+    compact = arr[keep]
+    offsets = np.zeros(len(starts) + 1, dtype=np.int64)
+    np.cumsum(ends - starts, out=offsets[1:])
+    if offsets[-1] != len(compact):
+        raise AssertionError("line ranges overlap")
+    return pa.BinaryArray.from_buffers(
+        pa.binary(),
+        len(starts),
+        [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(compact)],
+    )
 
-    Returns the columns of the lines that parsed (values not yet range-checked), the 0-based
-    line index of each of those rows, (n,) int64, and {line index: reason} of the rest.
+
+def _per_line_any(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Whether each line has a true flag; `flags` (n_bytes,) bool over the concatenated lines,
+    `offsets` (n_lines + 1,) int."""
+    lengths = np.diff(offsets)
+    result = np.zeros(len(lengths), dtype=bool)
+    filled = lengths > 0
+    if filled.any():
+        result[filled] = np.logical_or.reduceat(flags, offsets[:-1][filled])
+    return result
+
+
+def _parse_careful(
+    lines: pa.BinaryArray, layout: Layout
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict[int, str]]:
+    """Classify lines with vectorised kernels.
+
+    Returns the columns of the lines that parsed (values not yet range-checked), the index in
+    `lines` of each of those rows, (n,) int64, and {index in `lines`: reason} of the rest.
     """
-    starts, ends = line_bounds(data)
-    n_lines = len(starts)
+    n_lines = len(lines)
+    data = np.frombuffer(lines.buffers()[2] or b"", dtype=np.uint8)
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32)[: n_lines + 1]
+    non_ascii = _per_line_any(data >= 0x80, offsets)
+    blank = ~_per_line_any(~_WHITESPACE[data], offsets)
     rejects: dict[int, str] = {}
-    if n_lines == 0:
-        return _empty_columns(), np.empty(0, dtype=np.int64), rejects
-    arr = np.frombuffer(data, dtype=np.uint8)
-    non_ascii = np.logical_or.reduceat(arr >= 0x80, starts)
-    blank = ~np.logical_or.reduceat(~_WHITESPACE[arr], starts)
     for index in np.flatnonzero(blank).tolist():
         rejects[index] = "blank line"
     for index in np.flatnonzero(non_ascii & ~blank).tolist():
-        rejects[index] = explain_non_ascii(data[starts[index] : ends[index]], layout)
+        rejects[index] = explain_non_ascii(lines[index].as_py(), layout)
     candidates = np.flatnonzero(~blank & ~non_ascii)
 
-    lines = _lines_array(arr, starts, ends).take(pa.array(candidates)).cast(pa.string())
-    parts = pc.split_pattern(lines, pattern=layout.separator)
+    text = lines.take(pa.array(candidates)).cast(pa.string())
+    parts = pc.split_pattern(text, pattern=layout.separator)
     n_fields = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
     for index, count in zip(
         candidates[n_fields != 4].tolist(), n_fields[n_fields != 4].tolist(), strict=True
@@ -282,27 +286,6 @@ def _parse_careful(
         columns[key] = values
     columns = {key: values[ok] for key, values in columns.items()}
     return columns, rows[ok], rejects
-
-
-def _lines_array(arr: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.BinaryArray:
-    """The lines as one Arrow binary array, built by dropping the line terminators."""
-    next_starts = np.append(starts[1:], len(arr))
-    dropped = next_starts - ends
-    keep = np.ones(len(arr), dtype=bool)
-    for extra in range(int(dropped.max(initial=0))):
-        positions = ends[dropped > extra] + extra
-        keep[positions] = False
-    compact = arr[keep]
-    offsets = np.empty(len(starts) + 1, dtype=np.int64)
-    offsets[0] = 0
-    np.cumsum(ends - starts, out=offsets[1:])
-    if offsets[-1] != len(compact):
-        raise AssertionError("line terminators miscounted")
-    return pa.BinaryArray.from_buffers(
-        pa.binary(),
-        len(starts),
-        [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(compact)],
-    )
 
 
 def _convert_tokens(tokens: pa.Array, key: str) -> tuple[np.ndarray, dict[int, str]]:

@@ -24,7 +24,8 @@ from pipeline.ingest.write import (
 
 @dataclass(frozen=True)
 class BlockSummary:
-    """Line accounting of one block; `first_reject` is (block-local line, reason)."""
+    """Line accounting of one block; `first_reject` is (block-local line, reason), and
+    `strict_lines` counts the lines the compiled scan read."""
 
     index: int
     lines: int
@@ -32,7 +33,7 @@ class BlockSummary:
     accepted: int
     rejected: int
     first_reject: tuple[int, str] | None
-    fast: bool
+    strict_lines: int
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def ingest_block(
         parsed.accepted,
         parsed.rejected,
         first,
-        parsed.fast,
+        parsed.strict_lines,
     )
 
 
