@@ -289,3 +289,52 @@ def test_block_parser_matches_reference(lines, careful):
     assert got == expected
     assert parsed.reject_lines == expected_rejects
     assert parsed.lines == len(lines) == parsed.accepted + parsed.rejected
+
+
+TRICKY_LINES = [
+    "1\t2\t3.\t4",
+    "1\t2\t.5\t4",
+    "01\t02\t3\t4",
+    "1\t2\t3.0000000000000001\t4",
+    "1\t2\t1.00000000000000000\t4",
+    "2147483647\t1\t1\t1",
+    "12345678901\t1\t1\t1",
+    "1\t2\t1\t999999999999999999",
+    "1\t2\t1\t1000000000000000000",
+    "1\t2\t1\t9999999999999999999",
+    "1\t2\t1e0\t4",
+    "1\t2\t1\t4\r",
+    "1\t2\t1\t4\r\r",
+    "1\t2\t1\t4\t",
+    "\t1\t2\t1\t4",
+]
+
+
+def outcome(data: bytes, layout: Layout, careful: bool):
+    parsed = parse_block(data, layout, name="f", first=False, force_careful=careful)
+    columns = (parsed.user_id, parsed.movie_id, parsed.rating, parsed.timestamp)
+    rows = list(zip(*(c.tolist() for c in columns), strict=True))
+    return rows, parsed.reject_lines, parsed.reject_reason
+
+
+def test_strict_scan_and_careful_path_agree_on_tricky_lines():
+    data = "\n".join(TRICKY_LINES).encode()
+    rows, reject_lines, _ = outcome(data, ML100K, careful=False)
+    assert outcome(data, ML100K, careful=True) == outcome(data, ML100K, careful=False)
+    assert reject_lines == [2, 7, 10, 13, 14, 15]
+    assert (1, 2, 1.0, 1_000_000_000_000_000_000) in rows and (1, 2, 3.0, 4) in rows
+
+
+TOKEN = st.from_regex(r"[ 0-9.\-+eE]{0,12}", fullmatch=True) | st.integers(0, 10**12).map(str)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.lists(TOKEN, min_size=3, max_size=5), min_size=1, max_size=12),
+    st.sampled_from([ML100K, ML1M, MLCSV]),
+    st.booleans(),
+)
+def test_strict_scan_and_careful_path_agree(rows, layout, crlf):
+    end = "\r\n" if crlf else "\n"
+    data = "".join(layout.separator.join(tokens) + end for tokens in rows).encode()
+    assert outcome(data, layout, careful=False) == outcome(data, layout, careful=True)

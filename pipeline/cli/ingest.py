@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 
 from pipeline.cli._cluster_args import add_cluster_arguments, check_workers
+from pipeline.errors import PipelineError
+from pipeline.publish import check_destination
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here so that `mfpipe --help` stays quick.
     from pipeline.cluster import connect
     from pipeline.ingest import ingest
-    from pipeline.publish import check_destination
 
     check_workers(args.workers)
+    # Refuse before starting a cluster; ingest() checks again.
     check_destination(args.out, args.overwrite)
     if not args.source.exists():
-        from pipeline.errors import PipelineError
-
         raise PipelineError(f"{args.source}: no such file or folder")
     with connect(args.scheduler, args.workers) as client:
         dataset = ingest(

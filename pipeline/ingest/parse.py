@@ -14,6 +14,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,7 @@ from pipeline.ingest.scan import count_lines, scan_strict
 logger = logging.getLogger(__name__)
 
 BOM = b"\xef\xbb\xbf"
-READ_AHEAD = 1 << 20
+READ_AHEAD = 64 * 1024
 
 INT_PATTERN = r"^-?[0-9]+$"
 FLOAT_PATTERN = r"(?i)^[+-]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)(e[+-]?[0-9]+)?|nan|inf|infinity)$"
@@ -83,28 +84,29 @@ def read_block(path: Path, start: int, end: int) -> bytes:
     """The bytes of the lines of `path` whose first byte lies in ``[start, end)``.
 
     A line starts at offset 0 or right after a newline; the last line of the block is read
-    to its newline (or the end of the file) even past `end`.
+    to its newline (or the end of the file) even past `end`. One read of the exact range.
     """
     with open(path, "rb") as f:
-        if start > 0:
-            f.seek(start - 1)
-            data = f.read(end - start + 1)
-            first = data.find(b"\n", 0, end - start)
-            if first < 0:
-                return b""
-            data = data[first + 1 :]
-        else:
-            data = f.read(end)
-        if not data or data.endswith(b"\n"):
-            return data
-        tail = []
-        while chunk := f.read(READ_AHEAD):
-            cut = chunk.find(b"\n")
-            if cut >= 0:
-                tail.append(chunk[: cut + 1])
-                break
-            tail.append(chunk)
-        return data + b"".join(tail)
+        begin = _line_start(f, start)
+        if begin >= end:
+            return b""
+        stop = _line_start(f, end)
+        f.seek(begin)
+        return f.read(stop - begin)
+
+
+def _line_start(f: BinaryIO, position: int) -> int:
+    """The first line start at or after `position` (the file size when there is none)."""
+    if position == 0:
+        return 0
+    f.seek(position - 1)
+    offset = position - 1
+    while chunk := f.read(READ_AHEAD):
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            return offset + newline + 1
+        offset += len(chunk)
+    return offset
 
 
 def parse_block(
