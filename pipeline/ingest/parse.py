@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 BOM = b"\xef\xbb\xbf"
 READ_AHEAD = 64 * 1024
 
+# Syntax filters of the careful path; Arrow's cast then settles the rest (overflow). The float
+# pattern admits everything Arrow reads as a float64, so the cast stays the judge.
 INT_PATTERN = r"^-?[0-9]+$"
 FLOAT_PATTERN = r"(?i)^[+-]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)(e[+-]?[0-9]+)?|nan|inf|infinity)$"
 FIELD_TYPES = {
