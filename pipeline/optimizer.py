@@ -9,8 +9,9 @@ optimiser state.
   Adam); the bias correction uses the global step count. With the whole training set as one
   batch every row is touched at each step and this is plain Adam.
 
-The update of a row is one compiled pass over its values (gradient, moments, parameter), so
-the client spends little time between steps.
+The same update serves the movie rows (on the client, after the reduction) and the user rows
+(on the workers, where each shard holds its users). The update of a row is one compiled pass
+over its values: gradient, moments, parameter.
 """
 
 from __future__ import annotations
@@ -19,16 +20,13 @@ import numba
 import numpy as np
 
 from pipeline.config import TrainConfig
-from pipeline.errors import PipelineError
-from pipeline.parameters import Parameters
-from pipeline.reducer import Partial
+from pipeline.reducer import RowSums
 
 BETA1 = 0.9
 BETA2 = 0.999
 EPSILON = 1e-8
 
-# The four trainable arrays of Parameters, in order.
-_SLOTS = ("user_bias", "movie_bias", "user_embedding", "movie_embedding")
+MOMENT_NAMES = ("m_bias", "v_bias", "m_embedding", "v_embedding")
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
@@ -58,81 +56,66 @@ def _as_rows(array: np.ndarray) -> np.ndarray:
     return array.reshape(len(array), -1)
 
 
-class Optimizer:
-    """Applies merged Partials to Parameters in place; its state is checkpointable."""
+def new_moments(config: TrainConfig, n_rows: int, rank: int) -> dict[str, np.ndarray]:
+    """Zeroed optimiser state for `n_rows` rows: Adam's moments, nothing for SGD."""
+    if config.optimizer == "sgd":
+        return {}
+    if config.optimizer != "adam":
+        raise NotImplementedError(f"optimizer {config.optimizer!r} is not implemented")
+    return {
+        "m_bias": np.zeros(n_rows, np.float32),
+        "v_bias": np.zeros(n_rows, np.float32),
+        "m_embedding": np.zeros((n_rows, rank), np.float32),
+        "v_embedding": np.zeros((n_rows, rank), np.float32),
+    }
 
-    def __init__(self, params: Parameters, config: TrainConfig) -> None:
-        if config.optimizer not in ("adam", "sgd"):
-            raise NotImplementedError(f"optimizer {config.optimizer!r} is not implemented")
-        self.config = config
-        self.step_count = 0
-        self.moments: dict[str, np.ndarray] = {}
-        if config.optimizer == "adam":
-            for slot in _SLOTS:
-                shape = getattr(params, slot).shape
-                self.moments[f"m_{slot}"] = np.zeros(shape, np.float32)
-                self.moments[f"v_{slot}"] = np.zeros(shape, np.float32)
 
-    def apply(self, params: Parameters, merged: Partial) -> None:
-        """Move every touched row of `params` by its averaged gradient."""
-        self.step_count += 1
-        c = self.config
-        sides = (
-            (merged.users, "user_embedding", "user_bias"),
-            (merged.movies, "movie_embedding", "movie_bias"),
-        )
-        for rows, emb_slot, bias_slot in sides:
-            if len(rows.index) == 0:
-                continue
-            counts = rows.counts.astype(np.float32)
-            self._update(
-                emb_slot, params, rows.index, rows.sums, counts, c.regularization, c.learning_rate
-            )
-            self._update(
-                bias_slot,
-                params,
-                rows.index,
-                rows.bias_sums,
-                counts,
-                c.bias_regularization,
-                c.effective_bias_learning_rate,
-            )
+def apply_rows(
+    config: TrainConfig,
+    step_count: int,
+    rows: RowSums,
+    embedding: np.ndarray,
+    bias: np.ndarray,
+    moments: dict[str, np.ndarray],
+) -> None:
+    """Move the touched rows of `embedding` (n, rank) and `bias` (n,) in place.
 
-    def _update(
-        self,
-        slot: str,
-        params: Parameters,
-        index: np.ndarray,
-        sums: np.ndarray,
-        counts: np.ndarray,
-        reg: float,
-        lr: float,
-    ) -> None:
-        array = _as_rows(getattr(params, slot))
+    `rows` holds the merged sums and counts; `step_count` (from 1) is the global step for
+    Adam's bias correction; `moments` (from `new_moments`) is updated in place.
+    """
+    if len(rows.index) == 0:
+        return
+    counts = rows.counts.astype(np.float32)
+    for array, sums, reg, lr, m, v in (
+        (
+            embedding,
+            rows.sums,
+            config.regularization,
+            config.learning_rate,
+            moments.get("m_embedding"),
+            moments.get("v_embedding"),
+        ),
+        (
+            bias,
+            rows.bias_sums,
+            config.bias_regularization,
+            config.effective_bias_learning_rate,
+            moments.get("m_bias"),
+            moments.get("v_bias"),
+        ),
+    ):
         sums = _as_rows(np.ascontiguousarray(sums, np.float32))
-        if self.config.optimizer == "sgd":
-            _sgd_rows(array, index, sums, counts, np.float32(reg), np.float32(lr))
-            return
-        t = self.step_count
+        if config.optimizer == "sgd":
+            _sgd_rows(_as_rows(array), rows.index, sums, counts, np.float32(reg), np.float32(lr))
+            continue
         _adam_rows(
-            array,
-            _as_rows(self.moments[f"m_{slot}"]),
-            _as_rows(self.moments[f"v_{slot}"]),
-            index,
+            _as_rows(array),
+            _as_rows(m),
+            _as_rows(v),
+            rows.index,
             sums,
             counts,
             np.float32(reg),
-            np.float32(lr / (1 - BETA1**t)),
-            np.float32(1 / (1 - BETA2**t)),
+            np.float32(lr / (1 - BETA1**step_count)),
+            np.float32(1 / (1 - BETA2**step_count)),
         )
-
-    def state(self) -> dict[str, np.ndarray]:
-        """Arrays to checkpoint (moments and the step count)."""
-        return {**self.moments, "step_count": np.array(self.step_count)}
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        for name in self.moments:
-            if name not in state or state[name].shape != self.moments[name].shape:
-                raise PipelineError(f"checkpoint lacks optimiser state {name!r} of the right shape")
-            self.moments[name][...] = state[name]
-        self.step_count = int(state["step_count"])

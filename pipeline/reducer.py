@@ -1,10 +1,11 @@
 """Per-index partial results of a step, and their merge across shards as a tree of tasks.
 
-A shard reports, for each user and movie its part of the batch touched, the gradient sums
-and the occurrence counts. Merging adds sums and counts index by index, so the merged result
-is the same whichever way the ratings were split (up to float rounding). The tree is built
-in shard order, so for a given sharding the result is bitwise reproducible wherever the
-shards run.
+A shard reports, for each movie its part of the batch touched, the gradient sums and the
+occurrence counts. Merging adds sums and counts index by index, so the merged result is the
+same whichever way the ratings were split (up to float rounding). The tree is built in shard
+order, so for a given sharding the result is bitwise reproducible wherever the shards run.
+Users need no merge: a shard holds all the ratings of its users, so their sums are complete
+where they are computed.
 """
 
 from __future__ import annotations
@@ -63,7 +64,6 @@ class RowSums:
 class Partial:
     """Everything one shard reports for one step."""
 
-    users: RowSums
     movies: RowSums
     squared_error: float
     """sum of squared training errors of the batch (before the update)"""
@@ -74,7 +74,6 @@ class Partial:
 
     def merge(self, other: Partial) -> Partial:
         return Partial(
-            self.users.merge(other.users),
             self.movies.merge(other.movies),
             self.squared_error + other.squared_error,
             self.ratings + other.ratings,

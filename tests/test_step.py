@@ -9,37 +9,57 @@ from hypothesis import strategies as st
 from reference import ReferenceOptimizer, step_sums
 
 from pipeline.config import TrainConfig
-from pipeline.optimizer import Optimizer
+from pipeline.optimizer import apply_rows, new_moments
 from pipeline.parameters import Parameters, initial_parameters
 from pipeline.reducer import RowSums, merge_partials
 from pipeline.schedule import n_steps, rating_hash, step_of, validation_mask
-from pipeline.shards import Shard, buckets_of_shard, shard_step
+from pipeline.shards import (
+    MovieState,
+    StepSpec,
+    UserState,
+    buckets_of_shard,
+    make_shard,
+    shard_step,
+    shard_users,
+)
 
 
-def make_shards(user_id, movie_id, rating, n_shards, n_users, n_movies):
-    """Shards split by user_id % n_shards, built directly from arrays."""
-    users = np.searchsorted(np.unique(user_id), user_id).astype(np.int32)
-    movies = np.searchsorted(np.unique(movie_id), movie_id).astype(np.int32)
-    shards = []
+def simulate(user_id, movie_id, rating, n_shards, config, start, epochs):
+    """The trainer's step protocol in one process: shards, user rows, merge, movie update."""
+    user_ids, movie_ids = np.unique(user_id), np.unique(movie_id)
+    shards = [
+        make_shard(user_id, movie_id, rating, s, n_shards, user_ids, movie_ids, config.seed, 0.0)
+        for s in range(n_shards)
+    ]
+    users = []
     for s in range(n_shards):
-        rows = np.flatnonzero(user_id % n_shards == s)
-        empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
-        shards.append(
-            Shard(
-                s,
-                user_id[rows],
-                movie_id[rows],
-                users[rows],
-                movies[rows],
-                rating[rows],
-                empty_i,
-                empty_i,
-                empty_f,
-                n_users,
-                n_movies,
-            )
-        )
-    return shards, users, movies
+        rows = shard_users(user_ids, s, n_shards)
+        moments = {k: v[rows] for k, v in new_moments(config, len(user_ids), config.rank).items()}
+        users.append(UserState(rows, start.user_bias[rows], start.user_embedding[rows], moments))
+    movies = MovieState(start.global_mean, start.movie_bias.copy(), start.movie_embedding.copy())
+    movie_moments = new_moments(config, len(movie_ids), config.rank)
+    steps = n_steps(len(rating), config.batch_size)
+    t, merged_steps = 0, []
+    for epoch in range(1, epochs + 1):
+        for step in range(steps):
+            spec = StepSpec(config, epoch, step, steps, t + 1, (1.0, 5.0), False)
+            results = [
+                shard_step(sh, us, movies, spec) for sh, us in zip(shards, users, strict=True)
+            ]
+            merged = merge_partials(*[r.partial for r in results])
+            t += 1
+            apply_rows(config, t, merged.movies, movies.embedding, movies.bias, movie_moments)
+            users = [r.users for r in results]
+            merged_steps.append(merged)
+    user_bias = np.zeros(len(user_ids), np.float32)
+    user_embedding = np.zeros((len(user_ids), config.rank), np.float32)
+    for state in users:
+        user_bias[state.index] = state.bias
+        user_embedding[state.index] = state.embedding
+    params = Parameters(
+        movies.global_mean, user_bias, movies.bias, user_embedding, movies.embedding
+    )
+    return params, merged_steps
 
 
 @st.composite
@@ -86,52 +106,55 @@ def test_steps_match_reference_for_any_sharding(data, n_shards, optimizer, batch
         seed=seed,
     )
     start = initial_parameters(n_users, n_movies, 3, float(rating.mean()), seed, 0.5)
+    ours, merged_steps = simulate(user_id, movie_id, rating, n_shards, config, start, epochs=2)
 
-    ours, ref = (
-        start.copy(),
-        Parameters(start.global_mean, *(a.astype(np.float64) for a in start[1:])),
-    )
-    shards, users, movies = make_shards(user_id, movie_id, rating, n_shards, n_users, n_movies)
-    opt, ref_opt = Optimizer(ours, config), ReferenceOptimizer(ref, config)
+    ref = Parameters(start.global_mean, *(a.astype(np.float64) for a in start[1:]))
+    ref_opt = ReferenceOptimizer(ref, config)
+    users = np.searchsorted(np.unique(user_id), user_id)
+    movies = np.searchsorted(np.unique(movie_id), movie_id)
     steps = n_steps(len(rating), batch_size)
+    merged = iter(merged_steps)
     for epoch in (1, 2):
         which = step_of(user_id, movie_id, seed, epoch, steps)
         for step in range(steps):
-            parts = [
-                shard_step(s, ours, seed, epoch, step, steps, (1.0, 5.0), False) for s in shards
-            ]
-            merged = merge_partials(*parts)
             sums = step_sums(users, movies, rating, np.flatnonzero(which == step), ref)
-            assert merged.ratings == int((which == step).sum())
-            assert merged.squared_error == pytest.approx(sums[4], rel=1e-4, abs=1e-5)
-            assert (
-                dict(zip(merged.users.index.tolist(), merged.users.counts.tolist(), strict=True))
-                == sums[2]
-            )
-            assert (
-                dict(zip(merged.movies.index.tolist(), merged.movies.counts.tolist(), strict=True))
-                == sums[3]
-            )
-            opt.apply(ours, merged)
+            m = next(merged)
+            assert m.ratings == int((which == step).sum())
+            assert m.squared_error == pytest.approx(sums[4], rel=1e-4, abs=1e-5)
+            movie_counts = dict(zip(m.movies.index.tolist(), m.movies.counts.tolist(), strict=True))
+            assert movie_counts == sums[3]
             ref_opt.apply(ref, sums)
     for name in ("user_bias", "movie_bias", "user_embedding", "movie_embedding"):
         np.testing.assert_allclose(getattr(ours, name), getattr(ref, name), rtol=1e-4, atol=1e-5)
 
 
-def test_untouched_rows_do_not_move(rng):
-    user_id = np.array([1, 1, 2], np.int32)
-    movie_id = np.array([10, 11, 10], np.int32)
-    rating = np.array([5, 1, 3], np.float32)
-    params = initial_parameters(3, 3, 4, 3.0, 0, 0.5)  # user 2 and movie 2 have no ratings here
-    before = params.copy()
-    shards, _, _ = make_shards(user_id, movie_id, rating, 1, 3, 3)
-    config = TrainConfig(rank=4)
-    Optimizer(params, config).apply(
-        params, shard_step(shards[0], params, 0, 1, 0, 1, (1, 5), False)
+def test_untouched_rows_do_not_move():
+    user_id = np.array([1, 1, 2, 3], np.int32)
+    movie_id = np.array([10, 11, 10, 12], np.int32)
+    rating = np.array([5, 1, 3, 4], np.float32)
+    config = TrainConfig(rank=4, batch_size=2, seed=1)
+    start = initial_parameters(3, 3, 4, 3.0, 0, 0.5)
+    which = step_of(user_id, movie_id, config.seed, 1, 2)
+    user_ids, movie_ids = np.unique(user_id), np.unique(movie_id)
+    shard = make_shard(user_id, movie_id, rating, 0, 1, user_ids, movie_ids, config.seed, 0.0)
+    users = UserState(
+        np.arange(3, dtype=np.int32),
+        start.user_bias.copy(),
+        start.user_embedding.copy(),
+        new_moments(config, 3, 4),
     )
-    np.testing.assert_array_equal(params.user_embedding[2], before.user_embedding[2])
-    np.testing.assert_array_equal(params.movie_embedding[2], before.movie_embedding[2])
-    assert not np.allclose(params.user_embedding[0], before.user_embedding[0])
+    movies = MovieState(start.global_mean, start.movie_bias.copy(), start.movie_embedding.copy())
+    result = shard_step(shard, users, movies, StepSpec(config, 1, 0, 2, 1, (1, 5), False))
+
+    in_step = which == 0
+    touched_users = set(np.searchsorted(user_ids, user_id[in_step]).tolist())
+    for row in range(3):
+        moved = not np.array_equal(result.users.embedding[row], start.user_embedding[row])
+        assert moved == (row in touched_users)
+    assert set(result.partial.movies.index.tolist()) == set(
+        np.searchsorted(movie_ids, movie_id[in_step]).tolist()
+    )
+    np.testing.assert_array_equal(users.embedding, start.user_embedding)  # inputs untouched
 
 
 def test_repeated_index_gets_the_mean_of_its_gradients():
@@ -140,14 +163,13 @@ def test_repeated_index_gets_the_mean_of_its_gradients():
     movie_id = np.array([1, 2], np.int32)
     rating = np.array([5, 1], np.float32)
     params = initial_parameters(1, 2, 2, 3.0, 7, 1.0)
-    shards, _, _ = make_shards(user_id, movie_id, rating, 1, 1, 2)
-    merged = shard_step(shards[0], params, 0, 1, 0, 1, (1, 5), False)
+    config = TrainConfig(rank=2, optimizer="sgd", learning_rate=0.5, regularization=0.0)
+    ours, _ = simulate(user_id, movie_id, rating, 1, config, params, epochs=1)
     e = 3.0 + params.movie_embedding @ params.user_embedding[0] - rating
     expected = (e[:, None] * params.movie_embedding).mean(axis=0)
-    config = TrainConfig(rank=2, optimizer="sgd", learning_rate=0.5, regularization=0.0)
-    before = params.user_embedding[0].copy()
-    Optimizer(params, config).apply(params, merged)
-    np.testing.assert_allclose(params.user_embedding[0], before - 0.5 * expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        ours.user_embedding[0], params.user_embedding[0] - 0.5 * expected, rtol=1e-5
+    )
 
 
 @settings(max_examples=40, deadline=None)

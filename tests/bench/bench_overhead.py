@@ -23,10 +23,18 @@ import pyarrow as pa
 from pipeline.cluster import connect
 from pipeline.config import TrainConfig
 from pipeline.dataset import write_dataset
-from pipeline.optimizer import Optimizer
+from pipeline.optimizer import apply_rows, new_moments
 from pipeline.parameters import initial_parameters
 from pipeline.schedule import n_steps
-from pipeline.shards import bucket_files, load_shard, shard_step
+from pipeline.shards import (
+    MovieState,
+    StepSpec,
+    UserState,
+    bucket_files,
+    load_shard,
+    shard_step,
+    shard_users,
+)
 from pipeline.trainer import train
 
 
@@ -45,33 +53,40 @@ def synthetic(n_ratings: int, n_users: int, n_movies: int, seed: int = 0) -> pa.
 
 
 def single_process(data, config: TrainConfig, epochs: int) -> list[float]:
+    """The trainer's step protocol with one shard in this process, no Dask."""
     files = bucket_files(data.path, list(range(data.n_buckets)))
-    shard = load_shard(files, 0, 1, data.user_ids(), data.movie_ids(), config.seed, 0.0)
+    user_ids, movie_ids = data.user_ids(), data.movie_ids()
+    shard = load_shard(files, 0, 1, user_ids, movie_ids, config.seed, 0.0)
     params = initial_parameters(
-        shard.n_users,
-        shard.n_movies,
+        len(user_ids),
+        len(movie_ids),
         config.rank,
         float(shard.rating.mean()),
         config.seed,
         config.init_scale,
     )
-    optimizer = Optimizer(params, config)
+    users = UserState(
+        shard_users(user_ids, 0, 1),
+        params.user_bias,
+        params.user_embedding,
+        new_moments(config, len(user_ids), config.rank),
+    )
+    movies = MovieState(params.global_mean, params.movie_bias, params.movie_embedding)
+    movie_moments = new_moments(config, len(movie_ids), config.rank)
     steps = n_steps(shard.n_ratings, config.batch_size)
-    times = []
+    times, t = [], 0
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         for step in range(steps):
-            merged = shard_step(
-                shard,
-                params,
-                config.seed,
-                epoch,
-                step,
-                steps,
-                (data.rating_min, data.rating_max),
-                False,
+            spec = StepSpec(
+                config, epoch, step, steps, t + 1, (data.rating_min, data.rating_max), False
             )
-            optimizer.apply(params, merged)
+            result = shard_step(shard, users, movies, spec)
+            t += 1
+            apply_rows(
+                config, t, result.partial.movies, movies.embedding, movies.bias, movie_moments
+            )
+            users = result.users
         times.append(time.perf_counter() - t0)
     return times
 
