@@ -106,13 +106,15 @@ def run_job(
     inputs = run_inputs(job)
     inputs_checksum = _digest(inputs)
 
-    outcome = _published(dest, run_id, inputs_checksum, overwrite)
-    if outcome is not None:
-        return outcome
     work = root / WORK_FOLDER / f"run_id={run_id}"
+    outcome = _published(dest, run_id, inputs_checksum, overwrite)
+    if outcome is not None and not work.exists():
+        return outcome
     with _locked(root / WORK_FOLDER / f"run_id={run_id}.lock", run_id):
         outcome = _published(dest, run_id, inputs_checksum, overwrite)
         if outcome is not None:
+            # left by a run killed between publishing and cleaning up
+            shutil.rmtree(work, ignore_errors=True)
             return outcome
         if scheduler is None and workers is None:
             scheduler, workers = job.cluster.scheduler, job.cluster.workers

@@ -167,6 +167,12 @@ def test_rerun_is_a_no_op_and_other_inputs_are_refused(tmp_path, dask_client):
     assert outcome.skipped and outcome.manifest["run_id"] == "a"
     assert snapshot(root) == before
 
+    # a work folder left by a run killed right after publishing is cleaned up by a rerun
+    (root / ".work" / "run_id=a" / "train").mkdir(parents=True)
+    assert run_job(load_job(path), run_id="a", scheduler="tcp://127.0.0.1:9").skipped
+    assert not (root / ".work" / "run_id=a").exists()
+    assert snapshot(root) == before
+
     changed = write_job(tmp_path, top_k=2)
     with pytest.raises(PipelineError, match="was published from other inputs"):
         run_job(load_job(changed), run_id="a", scheduler="tcp://127.0.0.1:9")
