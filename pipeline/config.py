@@ -28,6 +28,8 @@ class TrainConfig:
     """Step size of the optimiser for embeddings."""
     bias_learning_rate: float | None = None
     """Step size for the biases; None uses `learning_rate`."""
+    learning_rate_decay: float = 1.0
+    """Both step sizes are multiplied by this factor after each epoch."""
     regularization: float = 0.12
     """L2 weight on embeddings, added to each row's averaged gradient."""
     bias_regularization: float = 0.02
@@ -64,6 +66,7 @@ class TrainConfig:
                 self.bias_learning_rate is None or 0 < self.bias_learning_rate < 10,
                 "a number in (0, 10)",
             ),
+            ("learning_rate_decay", 0 < self.learning_rate_decay <= 1, "a number in (0, 1]"),
             ("regularization", self.regularization >= 0, "a non-negative number"),
             ("bias_regularization", self.bias_regularization >= 0, "a non-negative number"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
@@ -110,6 +113,10 @@ class TrainConfig:
     @property
     def effective_bias_learning_rate(self) -> float:
         return self.learning_rate if self.bias_learning_rate is None else self.bias_learning_rate
+
+    def learning_rate_scale(self, epoch: int) -> float:
+        """The factor on both step sizes in `epoch` (from 1)."""
+        return self.learning_rate_decay ** (epoch - 1)
 
 
 def setting_name(where: str, name: str) -> str:

@@ -77,11 +77,13 @@ def apply_rows(
     embedding: np.ndarray,
     bias: np.ndarray,
     moments: dict[str, np.ndarray],
+    lr_scale: float = 1.0,
 ) -> None:
     """Move the touched rows of `embedding` (n, rank) and `bias` (n,) in place.
 
     `rows` holds the merged sums and counts; `step_count` (from 1) is the global step for
-    Adam's bias correction; `moments` (from `new_moments`) is updated in place.
+    Adam's bias correction; `moments` (from `new_moments`) is updated in place; `lr_scale`
+    multiplies the configured step sizes.
     """
     if len(rows.index) == 0:
         return
@@ -91,7 +93,7 @@ def apply_rows(
             embedding,
             rows.sums,
             config.regularization,
-            config.learning_rate,
+            config.learning_rate * lr_scale,
             moments.get("m_embedding"),
             moments.get("v_embedding"),
         ),
@@ -99,7 +101,7 @@ def apply_rows(
             bias,
             rows.bias_sums,
             config.bias_regularization,
-            config.effective_bias_learning_rate,
+            config.effective_bias_learning_rate * lr_scale,
             moments.get("m_bias"),
             moments.get("v_bias"),
         ),

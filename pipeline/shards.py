@@ -262,7 +262,15 @@ def shard_step(shard: Shard, users: UserState, movies: MovieState, spec: StepSpe
     user_counts, movie_counts = shard.counts(rows)
     moved = users.copy()
     user_rows = RowSums.from_dense(sums.user_sums, sums.user_bias_sums, user_counts)
-    apply_rows(spec.config, spec.step_count, user_rows, moved.embedding, moved.bias, moved.moments)
+    apply_rows(
+        spec.config,
+        spec.step_count,
+        user_rows,
+        moved.embedding,
+        moved.bias,
+        moved.moments,
+        spec.config.learning_rate_scale(spec.epoch),
+    )
     partial = Partial(
         RowSums.from_dense(sums.movie_sums, sums.movie_bias_sums, movie_counts),
         sums.squared_error,

@@ -449,7 +449,13 @@ class _Trainer:
                     self._check(phase, epoch, step, merged)
                     step_count += 1
                     apply_rows(
-                        c, step_count, merged.movies, movies.embedding, movies.bias, movie_moments
+                        c,
+                        step_count,
+                        merged.movies,
+                        movies.embedding,
+                        movies.bias,
+                        movie_moments,
+                        c.learning_rate_scale(epoch),
                     )
                     sse += merged.squared_error
                     count += merged.ratings

@@ -55,11 +55,12 @@ class ReferenceOptimizer:
         v_hat = self.v[name][row] / (1 - b2**self.t)
         array[row] = array[row] - lr * m_hat / (np.sqrt(v_hat) + eps)
 
-    def apply(self, params: Parameters, sums) -> None:
+    def apply(self, params: Parameters, sums, lr_scale: float = 1.0) -> None:
         user_sums, movie_sums, user_counts, movie_counts, _ = sums
         self.t += 1
         c = self.config
-        blr = c.effective_bias_learning_rate
+        lr = c.learning_rate * lr_scale
+        blr = c.effective_bias_learning_rate * lr_scale
         for side, counts, emb, bias in (
             (user_sums, user_counts, "user_embedding", "user_bias"),
             (movie_sums, movie_counts, "movie_embedding", "movie_bias"),
@@ -69,7 +70,7 @@ class ReferenceOptimizer:
                 E, B = getattr(params, emb), getattr(params, bias)
                 grad = g / n + c.regularization * E[row]
                 bgrad = b / n + c.bias_regularization * B[row]
-                self._move(E, emb, row, grad, c.learning_rate)
+                self._move(E, emb, row, grad, lr)
                 self._move(B, bias, row, bgrad, blr)
 
 
@@ -100,7 +101,7 @@ def reference_train(
         for step in range(steps):
             rows = train_rows[which == step]
             sums = step_sums(users, movies, rating, rows, params)
-            optimizer.apply(params, sums)
+            optimizer.apply(params, sums, config.learning_rate_scale(epoch))
             sse += sums[4]
             n += len(rows)
         rmses.append(math.sqrt(sse / n))

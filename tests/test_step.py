@@ -48,7 +48,15 @@ def simulate(user_id, movie_id, rating, n_shards, config, start, epochs):
             ]
             merged = merge_partials(*[r.partial for r in results])
             t += 1
-            apply_rows(config, t, merged.movies, movies.embedding, movies.bias, movie_moments)
+            apply_rows(
+                config,
+                t,
+                merged.movies,
+                movies.embedding,
+                movies.bias,
+                movie_moments,
+                config.learning_rate_scale(epoch),
+            )
             users = [r.users for r in results]
             merged_steps.append(merged)
     user_bias = np.zeros(len(user_ids), np.float32)
@@ -91,9 +99,10 @@ def ratings(draw):
     n_shards=st.integers(1, 6),
     optimizer=st.sampled_from(["adam", "sgd"]),
     batch_size=st.sampled_from([None, 1, 3, 8]),
+    decay=st.sampled_from([1.0, 0.8]),
     seed=st.integers(0, 2**31),
 )
-def test_steps_match_reference_for_any_sharding(data, n_shards, optimizer, batch_size, seed):
+def test_steps_match_reference_for_any_sharding(data, n_shards, optimizer, batch_size, decay, seed):
     user_id, movie_id, rating = data
     n_users, n_movies = len(np.unique(user_id)), len(np.unique(movie_id))
     config = TrainConfig(
@@ -101,6 +110,7 @@ def test_steps_match_reference_for_any_sharding(data, n_shards, optimizer, batch
         optimizer=optimizer,
         learning_rate=0.05,
         batch_size=batch_size,
+        learning_rate_decay=decay,
         regularization=0.1,
         bias_regularization=0.05,
         seed=seed,
@@ -123,7 +133,7 @@ def test_steps_match_reference_for_any_sharding(data, n_shards, optimizer, batch
             assert m.squared_error == pytest.approx(sums[4], rel=1e-4, abs=1e-5)
             movie_counts = dict(zip(m.movies.index.tolist(), m.movies.counts.tolist(), strict=True))
             assert movie_counts == sums[3]
-            ref_opt.apply(ref, sums)
+            ref_opt.apply(ref, sums, config.learning_rate_scale(epoch))
     for name in ("user_bias", "movie_bias", "user_embedding", "movie_embedding"):
         np.testing.assert_allclose(getattr(ours, name), getattr(ref, name), rtol=1e-4, atol=1e-5)
 

@@ -63,6 +63,12 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         help="(default: the learning rate)",
     )
     p.add_argument(
+        "--learning-rate-decay",
+        type=float,
+        default=d.learning_rate_decay,
+        help=f"factor on the step sizes after each epoch (default {d.learning_rate_decay})",
+    )
+    p.add_argument(
         "--regularization",
         type=float,
         default=d.regularization,
@@ -107,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "batch_size",
         "learning_rate",
         "bias_learning_rate",
+        "learning_rate_decay",
         "regularization",
         "bias_regularization",
         "optimizer",

@@ -9,6 +9,7 @@ Prints the RMSE and MAE per fold, the time each fold takes, and the mean over th
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tempfile
@@ -29,13 +30,21 @@ def main() -> None:
     parser.add_argument("data", nargs="?", default=os.environ.get("MFPIPE_ML100K"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--folds", default="1,2,3,4,5")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training setting, e.g. --set rank=32 (to compare against the defaults)",
+    )
     args = parser.parse_args()
     if not args.data:
         parser.error("give the ml-100k folder as an argument or in $MFPIPE_ML100K")
     logging.basicConfig(level=logging.WARNING)
     folder = Path(args.data)
-    config = TrainConfig()
-    print(f"defaults: {config.to_dict()}")
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    config = TrainConfig.from_mapping(overrides, where="--set")
+    print(f"settings: {config.to_dict()}")
     rows = []
     with connect(None, args.workers) as client, tempfile.TemporaryDirectory() as tmp:
         for fold in [int(f) for f in args.folds.split(",")]:
