@@ -546,13 +546,16 @@ class _Run:
         self, metrics: dict, history: list[dict], split: dict, model: Any
     ) -> dict[str, Any]:
         last = history[-1] if history else {}
+        meta = model.metadata
         return {
             "run_id": self.run_id,
             "test": metrics,
             "train": {
                 "epochs": len(history),
+                "best_epoch": meta.get("best_epoch"),
+                "refit_epochs": meta.get("refit_epochs"),
                 "train_rmse": last.get("train_rmse"),
-                "validation_rmse": last.get("validation_rmse"),
+                "best_validation_rmse": meta.get("metrics", {}).get("best_validation_rmse"),
             },
             "history": history,
             "counts": self.counts(split, model),
