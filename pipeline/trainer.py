@@ -411,6 +411,20 @@ class _Trainer:
         pending = self.history[-1] if state.epoch > 0 and validating else None
         last_anchor = time.monotonic()
         bar = EpochProgress(epochs, phase, self.progress_enabled)
+
+        def snapshot(done: int) -> TrainingState:
+            return self._state(
+                phase,
+                done,
+                shards,
+                movies,
+                movie_moments,
+                step_count,
+                best_epoch,
+                best_rmse,
+                best_params,
+            )
+
         try:
             epoch = state.epoch
             while epoch < epochs or pending is not None:
@@ -472,17 +486,7 @@ class _Trainer:
                     best_epoch = epoch
                 checkpoint_due = self.checkpoint_dir is not None and epoch % c.checkpoint_every == 0
                 if checkpoint_due or time.monotonic() - last_anchor > ANCHOR_SECONDS:
-                    self.anchor = self._state(
-                        phase,
-                        epoch,
-                        shards,
-                        movies,
-                        movie_moments,
-                        step_count,
-                        best_epoch,
-                        best_rmse,
-                        best_params,
-                    )
+                    self.anchor = snapshot(epoch)
                     last_anchor = time.monotonic()
                     if checkpoint_due:
                         assert self.checkpoint_dir is not None
@@ -490,17 +494,7 @@ class _Trainer:
         finally:
             bar.close()
 
-        end = self._state(
-            phase,
-            epoch,
-            shards,
-            movies,
-            movie_moments,
-            step_count,
-            best_epoch,
-            best_rmse,
-            best_params,
-        )
+        end = snapshot(epoch)
         if phase == "search" and not c.refit and best_params is not None:
             end.params = best_params
         return end
