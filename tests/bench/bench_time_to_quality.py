@@ -4,7 +4,8 @@ Generates N ratings (default 5M, 2,000 users x 2,500 movies) from a planted rank
 (`mfpipe synth`), ingests them, and trains on a 2-worker LocalCluster, then, as the baseline
 in the same run, on a 1-worker LocalCluster. For each it prints the wall time (shard loading
 included) until the validation RMSE comes within 5%, 2% and 1% of the planted floor
-(`rmse_floor`: the planted model's own RMSE on the data), and the whole training time.
+(the planted model's own RMSE on the same validation ratings; `rmse_floor` is the same over
+all the data), and the whole training time.
 
 The data are dense (2,500 ratings per user) so that the floor is within statistical reach:
 at ml-25m's 154 ratings per user the estimation error of each user's rank+1 parameters alone
@@ -27,12 +28,13 @@ import numpy as np
 from pipeline.cluster import connect
 from pipeline.config import TrainConfig
 from pipeline.ingest import ingest
+from pipeline.schedule import validation_mask
 from pipeline.synth import generate
 from pipeline.trainer import train
 
 MARGINS = (0.05, 0.02, 0.01)
-SETTINGS = {"rank": 16, "regularization": 0.002, "learning_rate_decay": 0.97}
-"""Settings for this planted data (lighter L2 than the MovieLens-tuned defaults)."""
+SETTINGS = {"rank": 8, "regularization": 0.002, "learning_rate_decay": 0.985, "epochs": 400}
+"""Settings for this planted data: its rank, light L2, a slowly decaying step size."""
 
 
 def time_to_quality(data, config: TrainConfig, workers: int, floor: float) -> dict:
@@ -55,6 +57,24 @@ def time_to_quality(data, config: TrainConfig, workers: int, floor: float) -> di
         "total_seconds": total,
         "epochs": (len(search), len(history) - len(search)),
     }
+
+
+def planted_validation_rmse(data, planted: dict, config: TrainConfig) -> float:
+    """RMSE of the clipped planted prediction on the ratings training holds out."""
+    table = data.read_ratings()
+    user_id = table.column("user_id").to_numpy()
+    movie_id = table.column("movie_id").to_numpy()
+    held = validation_mask(user_id, movie_id, config.seed, config.validation_fraction)
+    u = np.searchsorted(planted["user_id"], user_id[held])
+    m = np.searchsorted(planted["movie_id"], movie_id[held])
+    pred = (
+        planted["global_mean"]
+        + planted["user_bias"][u]
+        + planted["movie_bias"][m]
+        + np.einsum("ij,ij->i", planted["user_embedding"][u], planted["movie_embedding"][m])
+    )
+    err = np.clip(pred, 0.5, 5.0) - table.column("rating").to_numpy()[held]
+    return float(np.sqrt(np.mean(err.astype(np.float64) ** 2)))
 
 
 def main() -> None:
@@ -83,13 +103,15 @@ def main() -> None:
         with connect(None, 2) as client:
             data = ingest(Path(tmp) / "synth", Path(tmp) / "data", client)
         t2 = time.perf_counter()
-        floor = float(np.load(Path(tmp) / "synth" / "planted.npz")["rmse_floor"])
+        planted = dict(np.load(Path(tmp) / "synth" / "planted.npz"))
+        floor = planted_validation_rmse(data, planted, config)
         print(
             f"{args.ratings:,} ratings, {args.users:,} users, {args.movies:,} movies; "
             f"synth {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s"
         )
         print(
-            f"planted floor RMSE {floor:.4f}, bias-only {summary['rmse_bias_only']:.4f}; "
+            f"planted RMSE on the validation ratings {floor:.4f} (on all ratings "
+            f"{float(planted['rmse_floor']):.4f}), bias-only {summary['rmse_bias_only']:.4f}; "
             f"settings {settings}"
         )
         for workers in (2, 1):
