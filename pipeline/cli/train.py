@@ -148,8 +148,7 @@ def run(args: argparse.Namespace) -> int:
         )
         result.model.write(staging)
     meta = result.model.metadata
-    print(
-        f"model written to {args.out}: best epoch {meta['best_epoch']}, "
-        f"validation RMSE {meta['metrics']['best_validation_rmse']}"
-    )
+    validation = meta["metrics"]["best_validation_rmse"]
+    summary = "" if validation is None else f", validation RMSE {validation:.4f}"
+    print(f"model written to {args.out}: best epoch {meta['best_epoch']}{summary}")
     return 0
