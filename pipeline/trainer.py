@@ -100,14 +100,18 @@ def train(
     checkpoint_dir: Path | None = None,
     metrics_path: Path | None = None,
     progress: bool | None = None,
+    anchor_seconds: float = ANCHOR_SECONDS,
 ) -> TrainResult:
     """Fit the model on `dataset` with the cluster behind `client`.
 
     Resumes from the newest checkpoint in `checkpoint_dir` made with the same settings and
     data; the result then equals that of an uninterrupted run. Appends one JSON line per epoch
     to `metrics_path`. `progress`: a bar (True), log lines (False) or by terminal (None).
+    `anchor_seconds`: least time between in-memory anchors (replay points after a lost worker).
     """
-    return _Trainer(dataset, config, client, checkpoint_dir, metrics_path, progress).run()
+    trainer = _Trainer(dataset, config, client, checkpoint_dir, metrics_path, progress)
+    trainer.anchor_seconds = anchor_seconds
+    return trainer.run()
 
 
 class _ShardSet:
@@ -269,6 +273,7 @@ class _Trainer:
         self.fingerprint = f"{config.fingerprint()}-{dataset.checksum[:16]}"
         self.history: list[dict[str, Any]] = []
         self.anchor: TrainingState | None = None
+        self.anchor_seconds = ANCHOR_SECONDS
 
     def run(self) -> TrainResult:
         started = time.perf_counter()
@@ -485,7 +490,7 @@ class _Trainer:
                     self._finish(record, None, bar)
                     best_epoch = epoch
                 checkpoint_due = self.checkpoint_dir is not None and epoch % c.checkpoint_every == 0
-                if checkpoint_due or time.monotonic() - last_anchor > ANCHOR_SECONDS:
+                if checkpoint_due or time.monotonic() - last_anchor >= self.anchor_seconds:
                     self.anchor = snapshot(epoch)
                     last_anchor = time.monotonic()
                     if checkpoint_due:

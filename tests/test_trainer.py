@@ -194,7 +194,7 @@ def test_divergence_stops_with_a_clear_error(tmp_path, rng, dask_client):
         train(data, config, dask_client, progress=False)
 
 
-def test_a_killed_worker_does_not_change_the_model(tmp_path, rng):
+def test_a_killed_worker_does_not_change_the_model(tmp_path, rng, caplog):
     data = write(planted_ratings(rng, 3000, 800, 150_000), tmp_path / "data", n_buckets=8)
     config = TrainConfig(rank=16, epochs=40, validation_fraction=0.0, shards=4)
     with (
@@ -209,7 +209,9 @@ def test_a_killed_worker_does_not_change_the_model(tmp_path, rng):
         result = {}
         worker = threading.Thread(
             target=lambda: result.update(
-                run=train(data, config, client, metrics_path=metrics, progress=False)
+                run=train(
+                    data, config, client, metrics_path=metrics, progress=False, anchor_seconds=0
+                )
             )
         )
         pids = client.run(os.getpid)
@@ -228,6 +230,9 @@ def test_a_killed_worker_does_not_change_the_model(tmp_path, rng):
     assert not worker.is_alive()
     assert 0 < killed_at < config.epochs  # the kill landed mid-training
     assert victim not in survivors.values()
+    replays = [r.getMessage() for r in caplog.records if "replaying from epoch" in r.message]
+    assert replays, "the kill did not reach the trainer's recovery"
+    assert int(replays[0].rsplit(" ", 1)[1]) >= 1  # from an anchor taken mid-run
     for name in PARAMS:
         np.testing.assert_allclose(
             getattr(calm.model.params, name),
