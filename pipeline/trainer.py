@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from distributed import CancelledError, Client, Future, KilledWorker, wait
+from distributed import CancelledError, Client, Future, KilledWorker
 
 from pipeline import __version__, checkpoint
 from pipeline.checkpoint import TrainingState
@@ -239,10 +239,6 @@ class _ShardSet:
             for i, r in enumerate(results)
         ]
         merged = tree_reduce(self.client, partials, key_prefix=f"merge-{token}").result()
-        wait(moved)
-        failed = [f for f in moved if f.status != "finished"]
-        if failed:  # surface a lost worker now, not in the next step
-            failed[0].result()
         self.previous_user_states, self.user_states = self.user_states, moved
         return merged
 
