@@ -169,6 +169,13 @@ class _ShardSet:
             where.append(alive[0] if alive else workers[i % len(workers)])
         return where
 
+    def _scatter_to(self, value: Any, worker: str) -> Future:
+        """Put `value` on `worker`; a worker that has just left is reported as a lost one."""
+        try:
+            return self.client.scatter([value], workers=[worker], hash=False)[0]
+        except (KeyError, ValueError) as exc:  # the scheduler no longer knows `worker`
+            raise OSError(f"worker {worker} left the cluster ({exc!r})") from exc
+
     def place_users(self, params: Parameters, moments: dict[str, np.ndarray]) -> None:
         """Send each shard the rows of its users (from full (n_users, ...) arrays)."""
         placed = []
@@ -179,7 +186,7 @@ class _ShardSet:
                 params.user_embedding[users],
                 {k: v[users] for k, v in moments.items()},
             )
-            placed.append(self.client.scatter([state], workers=[where], hash=False)[0])
+            placed.append(self._scatter_to(state, where))
         self.user_states = placed
         self.previous_user_states = []
 
@@ -211,9 +218,7 @@ class _ShardSet:
     def step(self, movies: MovieState, spec: StepSpec) -> Partial:
         """Run one step on every shard; return the merged movie partial."""
         where = self._holders(self.futures)
-        movie_futures = {
-            w: self.client.scatter([movies], workers=[w], hash=False)[0] for w in sorted(set(where))
-        }
+        movie_futures = {w: self._scatter_to(movies, w) for w in sorted(set(where))}
         token = uuid.uuid4().hex[:8]
         results = [
             self.client.submit(

@@ -207,13 +207,16 @@ def test_a_killed_worker_does_not_change_the_model(tmp_path, rng, caplog):
 
         metrics = tmp_path / "metrics.jsonl"
         result = {}
-        worker = threading.Thread(
-            target=lambda: result.update(
-                run=train(
+
+        def disturbed() -> None:
+            try:
+                result["run"] = train(
                     data, config, client, metrics_path=metrics, progress=False, anchor_seconds=0
                 )
-            )
-        )
+            except Exception as exc:  # reported by the assertion below
+                result["error"] = exc
+
+        worker = threading.Thread(target=disturbed)
         pids = client.run(os.getpid)
         worker.start()
         deadline = time.monotonic() + 60
@@ -228,6 +231,7 @@ def test_a_killed_worker_does_not_change_the_model(tmp_path, rng, caplog):
         survivors = client.run(os.getpid)
 
     assert not worker.is_alive()
+    assert "error" not in result, repr(result.get("error"))
     assert 0 < killed_at < config.epochs  # the kill landed mid-training
     assert victim not in survivors.values()
     replays = [r.getMessage() for r in caplog.records if "replaying from epoch" in r.message]
