@@ -26,6 +26,28 @@ def count_lines(buf: np.ndarray) -> int:
     return lines
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _digits(buf, i, n, limit):
+    """Read at most `limit` decimal digits of `buf` from `i`: (value, digits read, next i)."""
+    value = 0
+    digits = 0
+    while i < n and 48 <= buf[i] <= 57 and digits < limit:
+        value = value * 10 + (buf[i] - 48)
+        digits += 1
+        i += 1
+    return value, digits, i
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _separator(buf, i, n, sep, sep_len):
+    """Skip `sep_len` copies of the byte `sep` from `i`: (all present, next i)."""
+    matched = 0
+    while matched < sep_len and i < n and buf[i] == sep:
+        matched += 1
+        i += 1
+    return matched == sep_len, i
+
+
 @numba.njit(cache=True, nogil=True)
 def scan_strict(
     buf: np.ndarray,
@@ -61,65 +83,33 @@ def scan_strict(
         strict = False
         # One pass over the fields; any departure from the strict shape breaks out.
         while True:
-            user = 0
-            digits = 0
-            while i < n and 48 <= buf[i] <= 57 and digits < 11:
-                user = user * 10 + (buf[i] - 48)
-                digits += 1
-                i += 1
+            user, digits, i = _digits(buf, i, n, 11)
             if digits == 0 or digits > 10 or user > INT32_MAX:
                 break
-            matched = 0
-            while matched < sep_len and i < n and buf[i] == sep:
-                matched += 1
-                i += 1
-            if matched != sep_len:
+            matched, i = _separator(buf, i, n, sep, sep_len)
+            if not matched:
                 break
-            movie = 0
-            digits = 0
-            while i < n and 48 <= buf[i] <= 57 and digits < 11:
-                movie = movie * 10 + (buf[i] - 48)
-                digits += 1
-                i += 1
+            movie, digits, i = _digits(buf, i, n, 11)
             if digits == 0 or digits > 10 or movie > INT32_MAX:
                 break
-            matched = 0
-            while matched < sep_len and i < n and buf[i] == sep:
-                matched += 1
-                i += 1
-            if matched != sep_len:
+            matched, i = _separator(buf, i, n, sep, sep_len)
+            if not matched:
                 break
-            mantissa = 0
-            digits = 0
-            while i < n and 48 <= buf[i] <= 57 and digits < 16:
-                mantissa = mantissa * 10 + (buf[i] - 48)
-                digits += 1
-                i += 1
+            mantissa, digits, i = _digits(buf, i, n, 16)
             if digits == 0:
                 break
             fraction = 0
             if i < n and buf[i] == 46:
-                i += 1
-                while i < n and 48 <= buf[i] <= 57 and digits + fraction < 16:
-                    mantissa = mantissa * 10 + (buf[i] - 48)
-                    fraction += 1
-                    i += 1
+                tail, fraction, i = _digits(buf, i + 1, n, 16 - digits)
                 if fraction == 0:
                     break
+                mantissa = mantissa * np.int64(powers[fraction]) + tail
             if digits + fraction > 15:
                 break
-            matched = 0
-            while matched < sep_len and i < n and buf[i] == sep:
-                matched += 1
-                i += 1
-            if matched != sep_len:
+            matched, i = _separator(buf, i, n, sep, sep_len)
+            if not matched:
                 break
-            stamp = 0
-            digits = 0
-            while i < n and 48 <= buf[i] <= 57 and digits < 19:
-                stamp = stamp * 10 + (buf[i] - 48)
-                digits += 1
-                i += 1
+            stamp, digits, i = _digits(buf, i, n, 19)
             if digits == 0 or digits > 18:
                 break
             if i < n and buf[i] == 13:
