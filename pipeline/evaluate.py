@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,6 @@ import pyarrow.parquet as pq
 from distributed import Client
 
 from pipeline.model import Model
-from pipeline.shards import bucket_files
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +54,11 @@ def evaluate(model: Model, dataset: Any, client: Client) -> dict[str, Any]:
     """RMSE and MAE of `model` on every rating of `dataset`, with unseen-id counts."""
     t0 = time.perf_counter()
     [model_future] = client.scatter([model], hash=False)
-    path = Path(dataset.path)
     parts = client.gather(
         [
-            client.submit(score_bucket, model_future, bucket_files(path, [b]), pure=False)
+            client.submit(
+                score_bucket, model_future, [str(f) for f in dataset.bucket_files(b)], pure=False
+            )
             for b in range(dataset.n_buckets)
         ]
     )

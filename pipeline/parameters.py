@@ -24,12 +24,6 @@ class Parameters(NamedTuple):
     def rank(self) -> int:
         return int(self.user_embedding.shape[1])
 
-    def copy(self) -> Parameters:
-        return Parameters(self.global_mean, *(np.array(a, copy=True) for a in self[1:]))
-
-    def all_finite(self) -> bool:
-        return all(bool(np.isfinite(a).all()) for a in self[1:])
-
 
 def initial_parameters(
     n_users: int, n_movies: int, rank: int, global_mean: float, seed: int, init_scale: float

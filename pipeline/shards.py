@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -298,12 +297,3 @@ def _empty_rows(rank: int) -> RowSums:
         np.zeros(0, np.float32),
         np.zeros(0, np.int32),
     )
-
-
-def bucket_files(dataset_path: Path, buckets: list[int]) -> list[str]:
-    """The Parquet files of the given buckets of an ingested dataset."""
-    files: list[str] = []
-    for b in buckets:
-        folder = dataset_path / "ratings" / f"user_bucket={b}"
-        files += sorted(str(p) for p in folder.glob("*.parquet"))
-    return files

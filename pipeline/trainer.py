@@ -45,7 +45,6 @@ from pipeline.shards import (
     MovieState,
     StepSpec,
     UserState,
-    bucket_files,
     buckets_of_shard,
     load_shard,
     result_partial,
@@ -77,6 +76,8 @@ class RatingsSource(Protocol):
     def user_ids(self) -> np.ndarray: ...
 
     def movie_ids(self) -> np.ndarray: ...
+
+    def bucket_files(self, bucket: int) -> list[Path]: ...
 
 
 class TrainingDiverged(PipelineError):
@@ -134,7 +135,8 @@ class _ShardSet:
         token = uuid.uuid4().hex[:8]
         self.futures: list[Future] = []
         for shard in range(n_shards):
-            files = bucket_files(dataset.path, buckets_of_shard(shard, n_shards, dataset.n_buckets))
+            buckets = buckets_of_shard(shard, n_shards, dataset.n_buckets)
+            files = [str(f) for b in buckets for f in dataset.bucket_files(b)]
             self.futures.append(
                 client.submit(
                     load_shard,
@@ -461,7 +463,7 @@ class _Trainer:
                         if rmse < best_rmse:
                             best_epoch, best_rmse = epoch - 1, rmse
                             if not c.refit:
-                                best_params = self._gather(shards, movies, previous=True)
+                                best_params, _ = self._gather(shards, movies, previous=True)
                         if final or epoch - 1 - best_epoch >= c.patience:
                             shards.revert()  # back to the state after epoch - 1
                             stop = True
@@ -505,17 +507,25 @@ class _Trainer:
             end.params = best_params
         return end
 
-    def _gather(self, shards: _ShardSet, movies: MovieState, previous: bool = False) -> Parameters:
-        """Full parameters: the user rows from the shards and the client's movie rows.
+    def _gather(
+        self,
+        shards: _ShardSet,
+        movies: MovieState,
+        moment_names: list[str] | None = None,
+        previous: bool = False,
+    ) -> tuple[Parameters, dict[str, np.ndarray]]:
+        """Full parameters (user rows from the shards, the client's movie rows) and the user
+        rows' optimiser moments named in `moment_names`.
 
         With `previous`, the user rows are those before the step just run (the step's inputs).
         """
-        bias, embedding, _ = shards.gather_users(
-            len(self.user_ids), self.config.rank, [], previous=previous
+        bias, embedding, user_moments = shards.gather_users(
+            len(self.user_ids), self.config.rank, moment_names or [], previous=previous
         )
-        return Parameters(
+        params = Parameters(
             movies.global_mean, bias, movies.bias.copy(), embedding, movies.embedding.copy()
         )
+        return params, user_moments
 
     def _state(
         self,
@@ -529,13 +539,7 @@ class _Trainer:
         best_rmse: float,
         best_params: Parameters | None,
     ) -> TrainingState:
-        names = sorted(movie_moments)
-        bias, embedding, user_moments = shards.gather_users(
-            len(self.user_ids), self.config.rank, names
-        )
-        params = Parameters(
-            movies.global_mean, bias, movies.bias.copy(), embedding, movies.embedding.copy()
-        )
+        params, user_moments = self._gather(shards, movies, sorted(movie_moments))
         optimizer = {"step_count": np.array(step_count)}
         optimizer.update({f"user_{k}": v for k, v in user_moments.items()})
         optimizer.update({f"movie_{k}": v.copy() for k, v in movie_moments.items()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 from pipeline.cli._cluster_args import add_cluster_arguments, check_workers
@@ -107,23 +108,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Build and validate the TrainConfig; errors name the command-line option."""
-    names = [
-        "rank",
-        "epochs",
-        "batch_size",
-        "learning_rate",
-        "bias_learning_rate",
-        "learning_rate_decay",
-        "regularization",
-        "bias_regularization",
-        "optimizer",
-        "seed",
-        "validation_fraction",
-        "patience",
-        "refit",
-        "shards",
-    ]
-    return TrainConfig.from_mapping({n: getattr(args, n) for n in names}, where="--")
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig.from_mapping(values, where="--")
 
 
 def run(args: argparse.Namespace) -> int:

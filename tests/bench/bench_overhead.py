@@ -30,7 +30,6 @@ from pipeline.shards import (
     MovieState,
     StepSpec,
     UserState,
-    bucket_files,
     load_shard,
     shard_step,
     shard_users,
@@ -54,7 +53,7 @@ def synthetic(n_ratings: int, n_users: int, n_movies: int, seed: int = 0) -> pa.
 
 def single_process(data, config: TrainConfig, epochs: int) -> list[float]:
     """The trainer's step protocol with one shard in this process, no Dask."""
-    files = bucket_files(data.path, list(range(data.n_buckets)))
+    files = [str(f) for b in range(data.n_buckets) for f in data.bucket_files(b)]
     user_ids, movie_ids = data.user_ids(), data.movie_ids()
     shard = load_shard(files, 0, 1, user_ids, movie_ids, config.seed, 0.0)
     params = initial_parameters(
